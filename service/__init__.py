@@ -1,0 +1,34 @@
+"""flare-cds: a CDS Hooks 2.0 service that warns about IgM flare with anti-CD20 antibodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from service.settings import Settings, load_settings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings | None = None, **runtime_overrides: Any) -> Flask:
+    """The app factory. `runtime_overrides` (clock, fetcher, store, verifier) serve tests."""
+    from service import middleware
+    from service.errors import register_error_handlers
+    from service.logging_setup import configure_logging
+    from service.routes import bp
+    from service.runtime import Runtime
+
+    settings = settings or load_settings()
+    configure_logging(settings.logging.level)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.http.max_body_bytes
+    app.json.sort_keys = False  # keep cards in the order the spec lists their fields
+    app.json.ensure_ascii = False
+    app.extensions["flare_cds"] = Runtime(settings, **runtime_overrides)
+    middleware.install(app)
+    register_error_handlers(app)
+    app.register_blueprint(bp)
+    if not settings.auth.required:
+        app.logger.warning("client authentication is OFF (auth.required = false): development only")
+    return app

@@ -1,0 +1,171 @@
+"""Finding the anti-CD20 antibodies among the draft orders of an order-select/order-sign call.
+
+Orders arrive in several shapes: R4 MedicationRequest (the target), STU3 MedicationRequest and
+DSTU2 MedicationOrder (the public sandbox's defaults), and R5's `medication` CodeableReference.
+Each medication order is checked against its version's FHIR model before it is read, so a broken
+entry is reported by position rather than half-read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.terminology import DrugGroup, match_drug
+
+MEDICATION_ORDER_TYPES = frozenset({"MedicationRequest", "MedicationOrder"})
+
+
+class DraftOrderError(ValueError):
+    """A draft order cannot be read; `location` names the entry (e.g. context.draftOrders.entry[2])."""
+
+    def __init__(self, location: str, problem: str) -> None:
+        super().__init__(f"{location}: {problem}")
+        self.location = location
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class DrugOrder:
+    """A draft order for a drug of interest, and how the drug was recognised."""
+
+    reference: str  # "MedicationRequest/abc", used for delete suggestions; "" when the order has no id
+    drug: str
+    matched_by: str
+    fhir_version: str
+
+
+def _version_of(resource: Mapping[str, Any]) -> str:
+    if resource.get("resourceType") == "MedicationOrder":
+        return "DSTU2"
+    if "medication" in resource:
+        return "R5"
+    requester = resource.get("requester")
+    stu3_only = ("context", "definition", "eventHistory")
+    if any(key in resource for key in stu3_only) or (
+        isinstance(requester, Mapping) and "agent" in requester
+    ):
+        return "STU3"
+    return "R4"
+
+
+def _model_for(version: str) -> Any:
+    # Imported lazily: each version's models cost start-up time and memory only when used.
+    if version == "R4":
+        from fhir.resources.R4B.medicationrequest import MedicationRequest
+    elif version == "STU3":
+        from fhir.resources.STU3.medicationrequest import MedicationRequest
+    elif version == "R5":
+        from fhir.resources.medicationrequest import MedicationRequest
+    else:
+        return None
+    return MedicationRequest
+
+
+def _validate(resource: Mapping[str, Any], version: str, location: str) -> None:
+    if version == "DSTU2":
+        # No DSTU2 models ship with fhir.resources: check the fields this service reads.
+        if not any(k in resource for k in ("medicationCodeableConcept", "medicationReference")):
+            raise DraftOrderError(location, "DSTU2 MedicationOrder has no medication")
+        return
+    model = _model_for(version)
+    try:
+        model.model_validate(resource)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(resource)'}: {err['msg']}"
+            for err in exc.errors()[:3]
+        )
+        raise DraftOrderError(location, f"not a valid FHIR {version} MedicationRequest ({problems})") from None
+
+
+def _medication_concepts(
+    resource: Mapping[str, Any], version: str, medications: Mapping[str, Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """Every CodeableConcept that may name the ordered drug (coded or by text)."""
+    concepts: list[Mapping[str, Any]] = []
+    if version == "R5":
+        medication = resource.get("medication") or {}
+        if isinstance(medication.get("concept"), Mapping):
+            concepts.append(medication["concept"])
+        reference = medication.get("reference")
+    else:
+        if isinstance(resource.get("medicationCodeableConcept"), Mapping):
+            concepts.append(resource["medicationCodeableConcept"])
+        reference = resource.get("medicationReference")
+    if isinstance(reference, Mapping):
+        target = _resolve_medication(reference.get("reference"), resource, medications)
+        if target is not None and isinstance(target.get("code"), Mapping):
+            concepts.append(target["code"])
+        if isinstance(reference.get("display"), str):
+            concepts.append({"text": reference["display"]})
+    return concepts
+
+
+def _resolve_medication(
+    reference: Any, resource: Mapping[str, Any], medications: Mapping[str, Mapping[str, Any]]
+) -> Mapping[str, Any] | None:
+    if not isinstance(reference, str):
+        return None
+    if reference.startswith("#"):
+        for contained in resource.get("contained") or ():
+            if isinstance(contained, Mapping) and contained.get("id") == reference[1:]:
+                return contained
+        return None
+    if reference in medications:
+        return medications[reference]
+    # An absolute URL or a relative "Medication/id": match on the last two path segments.
+    tail = "/".join(reference.rstrip("/").split("/")[-2:])
+    return medications.get(tail)
+
+
+def find_drug_orders(
+    draft_orders: Mapping[str, Any],
+    groups: tuple[DrugGroup, ...],
+    selections: Sequence[str] | None = None,
+) -> list[DrugOrder]:
+    """The draft medication orders (all, or only the selected ones) for drugs in `groups`."""
+    entries = draft_orders.get("entry") or []
+    medications: dict[str, Mapping[str, Any]] = {}
+    for entry in entries:
+        resource = entry.get("resource") if isinstance(entry, Mapping) else None
+        if isinstance(resource, Mapping) and resource.get("resourceType") == "Medication":
+            if resource.get("id"):
+                medications[f"Medication/{resource['id']}"] = resource
+            if isinstance(entry.get("fullUrl"), str):
+                medications[entry["fullUrl"]] = resource
+
+    wanted = set(selections) if selections is not None else None
+    seen: set[str] = set()
+    found: list[DrugOrder] = []
+    for index, entry in enumerate(entries):
+        location = f"context.draftOrders.entry[{index}]"
+        resource = entry.get("resource") if isinstance(entry, Mapping) else None
+        if not isinstance(resource, Mapping):
+            continue
+        resource_type = resource.get("resourceType")
+        reference = f"{resource_type}/{resource['id']}" if resource.get("id") else ""
+        if reference:
+            seen.add(reference)
+        if wanted is not None and reference not in wanted:
+            continue
+        if resource_type not in MEDICATION_ORDER_TYPES:
+            continue
+        version = _version_of(resource)
+        _validate(resource, version, location)
+        for concept in _medication_concepts(resource, version, medications):
+            match = match_drug(concept, groups)
+            if match is not None:
+                group, how = match
+                found.append(DrugOrder(reference, group.name, how, version))
+                break
+    if wanted is not None:
+        missing = sorted(wanted - seen)
+        if missing:
+            raise DraftOrderError(
+                "context.selections", f"{', '.join(missing)} not found in context.draftOrders"
+            )
+    return found

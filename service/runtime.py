@@ -1,0 +1,81 @@
+"""Everything one app instance needs, built once: contract, value sets, cards, and the clients.
+
+Network and database clients are created lazily, inside the worker process that uses them:
+thread pools and sockets do not survive gunicorn's fork.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from service.card_catalog import load_catalog
+from service.contract import Contract
+from service.definitions import ServiceDefinition, build_definitions
+from service.rendering import CardBuilder
+from service.settings import Settings
+from service.terminology import Terminology, build_terminology
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = utc_now,
+        fetcher: Any = None,
+        store: Any = None,
+        verifier: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.contract = Contract()
+        self.contract.compile_all()
+        self.terminology: Terminology = build_terminology(settings.terminology)
+        self.definitions: dict[str, ServiceDefinition] = build_definitions(self.terminology)
+        self.catalog = load_catalog(settings.cards.directory)
+        self.builder = CardBuilder(self.catalog, settings.cards, settings.rules)
+        self._lock = threading.Lock()
+        self._fetcher = fetcher
+        self._store = store
+        self._verifier = verifier
+
+    def fetcher(self) -> Any:
+        with self._lock:
+            if self._fetcher is None:
+                from service.fhir_client import FhirFetcher
+
+                self._fetcher = FhirFetcher(self.settings.fhir)
+            return self._fetcher
+
+    def store(self) -> Any:
+        with self._lock:
+            if self._store is None:
+                from service.feedback_store import open_store
+
+                self._store = open_store(self.settings.storage)
+            return self._store
+
+    def verifier(self) -> Any:
+        with self._lock:
+            if self._verifier is None:
+                from service.auth import TokenVerifier
+                from service.replay_cache import SqliteReplayCache
+
+                cache_path = _beside(self.settings.storage.database, "replay-cache.sqlite3")
+                self._verifier = TokenVerifier(self.settings.auth, SqliteReplayCache(cache_path))
+            return self._verifier
+
+
+def _beside(database: str, name: str) -> str:
+    from pathlib import Path
+
+    return str(Path(database).with_name(name))

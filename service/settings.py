@@ -1,0 +1,261 @@
+"""One typed settings object, loaded from a TOML file and FLARE_CDS_* environment variables.
+
+Clinical thresholds live here so a site can tune them; unknown keys and impossible values are
+refused at start-up, because a typo in a threshold must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "FLARE_CDS_"
+CONFIG_ENV = "FLARE_CDS_CONFIG"
+
+
+class SettingsError(ValueError):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    max_body_bytes: int = 5 * 1024 * 1024
+    cors_origins: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class RulesSettings:
+    igm_high_mg_dl: float = 4000.0
+    igm_very_high_mg_dl: float = 5000.0
+    viscosity_critical_cp: float = 4.0
+    igm_lookback_days: int = 30
+    viscosity_lookback_days: int = 30
+    info_card_below_threshold: bool = True
+    flare_rise_percent: float = 25.0
+    flare_window_days: int = 120
+    course_gap_days: int = 180
+    btk_hold_window_days: int = 56
+    btk_rebound_rise_percent: float = 25.0
+
+
+@dataclass(frozen=True)
+class TerminologySettings:
+    """Extra codes, each "system|code", added to the shipped value sets (local lab codes etc.)."""
+
+    igm_codes: tuple[str, ...] = ()
+    viscosity_codes: tuple[str, ...] = ()
+    wm_condition_codes: tuple[str, ...] = ()
+    hyperviscosity_condition_codes: tuple[str, ...] = ()
+    anti_cd20_codes: tuple[str, ...] = ()
+    btk_inhibitor_codes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FhirSettings:
+    allowed_servers: tuple[str, ...] = ()
+    connect_timeout_seconds: float = 0.25
+    read_timeout_seconds: float = 0.4
+    deadline_seconds: float = 0.45
+    max_pages: int = 5
+    pool_size: int = 16
+
+
+@dataclass(frozen=True)
+class IssuerSettings:
+    iss: str
+    jku: tuple[str, ...] = ()
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    tenants: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    required: bool = False
+    public_base_url: str | None = None
+    leeway_seconds: int = 30
+    jwks_cache_seconds: int = 3600
+    issuers: tuple[IssuerSettings, ...] = ()
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    database: str = "var/flare-cds.sqlite3"
+    # Key for the keyed hash of patient ids; when unset, one is generated beside the database.
+    patient_hash_key: str | None = None
+
+
+@dataclass(frozen=True)
+class CardSettings:
+    # Folder of card text files; unset means the project's own cards/ folder.
+    directory: str | None = None
+    source_label: str = "flare-cds: IgM flare guidance"
+    source_url: str = "https://pubmed.ncbi.nlm.nih.gov/15493038/"
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Settings:
+    http: HttpSettings = field(default_factory=HttpSettings)
+    rules: RulesSettings = field(default_factory=RulesSettings)
+    terminology: TerminologySettings = field(default_factory=TerminologySettings)
+    fhir: FhirSettings = field(default_factory=FhirSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    cards: CardSettings = field(default_factory=CardSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    def replace(self, **sections: Any) -> Settings:
+        """A copy with whole sections or {key: value} overrides replaced (used by tests and tools)."""
+        updated = {}
+        for name, value in sections.items():
+            current = getattr(self, name)
+            updated[name] = (
+                dataclasses.replace(current, **value) if isinstance(value, Mapping) else value
+            )
+        return dataclasses.replace(self, **updated)
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Defaults, then the TOML file (argument or FLARE_CDS_CONFIG), then FLARE_CDS_* variables."""
+    environ = os.environ if environ is None else environ
+    path = config_path or environ.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with Path(path).open("rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError as exc:
+            raise SettingsError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+    _merge_environment(data, environ)
+    settings = _build(Settings, data, "")
+    _check(settings)
+    return settings
+
+
+def _merge_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    sections = {f.name: f for f in fields(Settings)}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section not in sections or not key:
+            raise SettingsError(f"unknown setting in environment: {name}")
+        data.setdefault(section, {})[key] = raw
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise SettingsError(f"[{where}] must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"unknown setting(s) in [{where or 'top level'}]: {', '.join(unknown)}")
+    values = {}
+    for f in fields(cls):
+        if f.name in data:
+            key = f"{where}.{f.name}" if where else f.name
+            values[f.name] = _coerce(hints[f.name], data[f.name], key)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise SettingsError(f"[{where}] is incomplete: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or value == "":
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is tuple:
+        item = args[0]
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise SettingsError(f"{key} must be a list")
+        return tuple(_coerce(item, v, key) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "on"}:
+            return True
+        if isinstance(value, str) and value.lower() in {"false", "0", "no", "off"}:
+            return False
+        raise SettingsError(f"{key} must be true or false, not {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise SettingsError(f"{key} must be a number, not {value!r}")
+        try:
+            number = hint(value)
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"{key} must be a number, not {value!r}") from exc
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise SettingsError(f"{key} must be a whole number, not {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise SettingsError(f"{key} must be a string")
+        return value
+    raise SettingsError(f"{key}: unsupported setting type {hint!r}")
+
+
+def _check(settings: Settings) -> None:
+    rules = settings.rules
+    positive = {
+        "rules.igm_high_mg_dl": rules.igm_high_mg_dl,
+        "rules.igm_very_high_mg_dl": rules.igm_very_high_mg_dl,
+        "rules.viscosity_critical_cp": rules.viscosity_critical_cp,
+        "rules.igm_lookback_days": rules.igm_lookback_days,
+        "rules.viscosity_lookback_days": rules.viscosity_lookback_days,
+        "rules.flare_rise_percent": rules.flare_rise_percent,
+        "rules.flare_window_days": rules.flare_window_days,
+        "rules.course_gap_days": rules.course_gap_days,
+        "rules.btk_hold_window_days": rules.btk_hold_window_days,
+        "rules.btk_rebound_rise_percent": rules.btk_rebound_rise_percent,
+        "fhir.connect_timeout_seconds": settings.fhir.connect_timeout_seconds,
+        "fhir.read_timeout_seconds": settings.fhir.read_timeout_seconds,
+        "fhir.deadline_seconds": settings.fhir.deadline_seconds,
+        "fhir.max_pages": settings.fhir.max_pages,
+        "fhir.pool_size": settings.fhir.pool_size,
+        "http.max_body_bytes": settings.http.max_body_bytes,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise SettingsError(f"{key} must be greater than zero, not {value}")
+    if rules.igm_very_high_mg_dl < rules.igm_high_mg_dl:
+        raise SettingsError("rules.igm_very_high_mg_dl must not be below rules.igm_high_mg_dl")
+    terminology = settings.terminology
+    for f in fields(terminology):
+        for code in getattr(terminology, f.name):
+            system, sep, value = code.partition("|")
+            if not sep or not value or not system:
+                raise SettingsError(f"terminology.{f.name}: {code!r} is not 'system|code'")
+    if settings.auth.required and not settings.auth.issuers:
+        raise SettingsError("auth.required is true but no [[auth.issuers]] are configured")
+    for issuer in settings.auth.issuers:
+        if not (issuer.jku or issuer.jwks_url or issuer.jwks_file):
+            raise SettingsError(f"auth issuer {issuer.iss}: give jku, jwks_url or jwks_file")
+    if settings.logging.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise SettingsError(f"logging.level {settings.logging.level!r} is not a log level")
