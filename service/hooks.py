@@ -72,7 +72,7 @@ def run_hook(runtime: Runtime, definition: ServiceDefinition, body: Mapping[str,
     now = runtime.clock()
     try:
         if definition.id == PATIENT_VIEW:
-            from service.followup import assess_and_render_followup
+            from service.followup_cards import assess_and_render_followup
 
             record = gather_record(body, definition, runtime.fetcher)
             cards = assess_and_render_followup(runtime, record, now)

@@ -82,10 +82,16 @@ def _validate(resource: Mapping[str, Any], version: str, location: str) -> None:
         raise DraftOrderError(location, f"not a valid FHIR {version} MedicationRequest ({problems})") from None
 
 
+def medication_concepts(
+    resource: Mapping[str, Any], medications: Mapping[str, Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """Every CodeableConcept that may name the drug of a medication resource (coded or by text)."""
+    return _medication_concepts(resource, _version_of(resource), medications)
+
+
 def _medication_concepts(
     resource: Mapping[str, Any], version: str, medications: Mapping[str, Mapping[str, Any]]
 ) -> list[Mapping[str, Any]]:
-    """Every CodeableConcept that may name the ordered drug (coded or by text)."""
     concepts: list[Mapping[str, Any]] = []
     if version == "R5":
         medication = resource.get("medication") or {}

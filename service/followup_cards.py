@@ -1,0 +1,101 @@
+"""Cards for patient-view findings: the IgM series as a table, and plasmapheresis when critical."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.followup_assessment import (
+    BTK_REBOUND,
+    FLARE_HYPERVISCOSITY,
+    FLARE_NO_BASELINE,
+    FollowupFinding,
+    assess_followup,
+)
+from service.markdown import day, mg_dl, table
+from service.record import PatientRecord
+from service.rendering import CardBuilder, RenderedCard, SuggestionSpec
+from service.runtime import Runtime
+from service.suggestions import create_action, plasmapheresis_request
+
+
+def _weeks(finding: FollowupFinding, when: Any) -> str:
+    return f"{(when - finding.start).days / 7:.1f}"
+
+
+def series_table(finding: FollowupFinding) -> str:
+    since = "Weeks since hold" if finding.kind == BTK_REBOUND else "Weeks since first dose"
+    rows = []
+    for reading in finding.series:
+        if finding.baseline is None:
+            change = "no baseline"
+        elif reading is finding.baseline:
+            change = "baseline"
+        else:
+            pct = (reading.normalised / finding.baseline.normalised - 1) * 100
+            change = f"{pct:+.0f}%"
+        weeks = _weeks(finding, reading.effective) if reading.effective >= finding.start else "before"
+        rows.append((day(reading.effective), reading.reported, mg_dl(reading.normalised), change,
+                     weeks, f"Observation/{reading.observation_id}"))
+    caption = (f"Start: {day(finding.start)} ({finding.start_record}). "
+               "Serum IgM, usable results only (final, amended or corrected; converted to mg/dL):")
+    headers = ("Date", "As reported", "mg/dL", "Change from baseline", since, "Record")
+    return caption + "\n\n" + table(headers, rows)
+
+
+def hyperviscosity_table(finding: FollowupFinding) -> str:
+    rows = []
+    if finding.viscosity is not None:
+        v = finding.viscosity
+        rows.append(("Serum viscosity", v.reported, day(v.effective), f"Observation/{v.observation_id}"))
+    for cond in finding.hyperviscosity_conditions:
+        rows.append(("Hyperviscosity diagnosis", f"{cond.display} ({cond.code})", "",
+                     f"Condition/{cond.condition_id}"))
+    return table(("Data", "As reported", "Date", "Record"), rows)
+
+
+def _evidence_short(finding: FollowupFinding) -> str:
+    if finding.viscosity is not None:
+        return f"viscosity {finding.viscosity.reported}"
+    return "hyperviscosity diagnosis"
+
+
+def render_followup_card(
+    finding: FollowupFinding, patient_id: str, builder: CardBuilder
+) -> RenderedCard:
+    rise = finding.rise_percent
+    values: dict[str, Any] = {
+        "drug": finding.drug,
+        "rise": f"{rise:.0f}%" if rise is not None else "unknown",
+        "baseline_mg_dl": mg_dl(finding.baseline.normalised) if finding.baseline else "unknown",
+        "latest_mg_dl": mg_dl(finding.latest.normalised),
+        "weeks": _weeks(finding, finding.latest.effective),
+        "start_date": day(finding.start),
+        "series_table": series_table(finding),
+        "evidence_short": _evidence_short(finding),
+        "hyperviscosity_table": hyperviscosity_table(finding),
+    }
+    if finding.kind == FLARE_NO_BASELINE:
+        values["hyperviscosity_note"] = (
+            builder.fragment(FLARE_NO_BASELINE, "hyperviscosity_note", values)
+            if finding.hyperviscosity else ""
+        )
+    suggestions = []
+    if finding.hyperviscosity and finding.kind in (FLARE_HYPERVISCOSITY, FLARE_NO_BASELINE):
+        evidence = [f"Observation/{finding.latest.observation_id}"]
+        if finding.viscosity is not None:
+            evidence.append(f"Observation/{finding.viscosity.observation_id}")
+        evidence += [f"Condition/{c.condition_id}" for c in finding.hyperviscosity_conditions]
+        request = plasmapheresis_request(
+            patient_id, True, f"Hyperviscosity with rising IgM after {finding.drug}", evidence
+        )
+        suggestions.append(SuggestionSpec(
+            "plasmapheresis", [create_action("Order plasmapheresis", request)], recommended=True
+        ))
+    return builder.build(finding.kind, values, suggestions, indicator=finding.indicator)
+
+
+def assess_and_render_followup(
+    runtime: Runtime, record: PatientRecord, now: Any
+) -> list[RenderedCard]:
+    findings = assess_followup(record, runtime.terminology, runtime.settings.rules, now)
+    return [render_followup_card(f, record.patient_id, runtime.builder) for f in findings]

@@ -1,0 +1,55 @@
+"""Serving with gunicorn: a production WSGI server, in the foreground, stopped by SIGTERM/SIGINT.
+
+Each worker builds its own app (no preload), so the FHIR client's thread pool and the database
+connections are created after the fork, inside the process that uses them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("flare_cds.server")
+
+
+class _FlareCdsServer(BaseApplication):  # type: ignore[misc]
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from service import create_app
+
+        # Settings are read again in the worker from the same file and environment.
+        return create_app(load_settings())
+
+
+def serve(host: str, port: int, workers: int, threads: int, settings: Settings) -> int:
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    options = {
+        "bind": bind,
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": threads,
+        "timeout": 30,
+        "graceful_timeout": 10,
+        "keepalive": 5,
+        "accesslog": None,  # the app logs each request as JSON, with its request id
+        "errorlog": "-",
+        "loglevel": settings.logging.level.lower(),
+        "proc_name": "flare-cds",
+        "limit_request_line": 8190,
+        "limit_request_fields": 100,
+        # One shared control socket per user would let two instances collide; not needed here.
+        "control_socket_disable": True,
+    }
+    _FlareCdsServer(options).run()
+    return 0

@@ -1,0 +1,197 @@
+"""Shared test fixtures: the app at a fixed "now", real fixtures, contract checks, live servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from service import create_app
+from service.contract import Contract
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fhir_fixtures" / "hook_requests"
+# Every fixture is dated against this instant (see fhir_fixtures/README.md).
+FIXTURE_NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+SERVICE_FOR_HOOK = {
+    "order-select": "rituximab-flare-order-select",
+    "order-sign": "rituximab-flare-order-sign",
+    "patient-view": "igm-flare-patient-view",
+}
+
+_CONTRACT = Contract()
+
+
+def load_fixture(name: str) -> dict[str, Any]:
+    """A hook request by "<hook>/<scenario>", e.g. "order-sign/wm-igm-4500-rituximab"."""
+    return json.loads((FIXTURES / f"{name}.json").read_text("utf-8"))
+
+
+def all_fixture_names(hook: str | None = None) -> list[str]:
+    pattern = f"{hook}/*.json" if hook else "*/*.json"
+    return sorted(f"{p.parent.name}/{p.stem}" for p in FIXTURES.glob(pattern))
+
+
+def assert_conforms(instance: Any, schema: str) -> None:
+    problems = _CONTRACT.problems(schema, instance)
+    assert not problems, f"{schema} violations: {[p.as_json() for p in problems]}"
+
+
+def test_settings(tmp_path: Path, **sections: Any) -> Settings:
+    settings = Settings().replace(storage={"database": str(tmp_path / "flare-cds.sqlite3")})
+    return settings.replace(**sections) if sections else settings
+
+
+test_settings.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return test_settings(tmp_path)
+
+
+@pytest.fixture
+def app(settings: Settings) -> Any:
+    return create_app(settings, clock=lambda: FIXTURE_NOW)
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+def post_hook(client: Any, body: dict[str, Any], service_id: str | None = None) -> Any:
+    service_id = service_id or SERVICE_FOR_HOOK[body["hook"]]
+    return client.post(f"/cds-services/{service_id}", json=body)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """The app on a real loopback HTTP server in a thread (the clock stays injectable)."""
+
+    def __init__(self, app: Any) -> None:
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def live_server(app: Any) -> Iterator[LiveServer]:
+    with LiveServer(app) as server:
+        yield server
+
+
+def shift_dates(value: Any, delta: timedelta) -> Any:
+    """A copy of a fixture with every FHIR date moved by `delta` (for servers on the real clock)."""
+    if isinstance(value, dict):
+        return {k: shift_dates(v, delta) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shift_dates(v, delta) for v in value]
+    if isinstance(value, str) and len(value) >= 10 and value[4:5] == "-" and value[7:8] == "-":
+        try:
+            if len(value) == 10:
+                return (datetime.fromisoformat(value) + delta).date().isoformat()
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return (parsed + delta).isoformat().replace("+00:00", "Z")
+        except ValueError:
+            return value
+    return value
+
+
+def as_of_today(body: dict[str, Any]) -> dict[str, Any]:
+    whole_days = (datetime.now(UTC) - FIXTURE_NOW).days
+    return shift_dates(body, timedelta(days=whole_days))
+
+
+class ServeProcess:
+    """The real `flare-cds serve` command (gunicorn) on a free loopback port."""
+
+    def __init__(self, config_text: str, workdir: Path, workers: int = 2) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.config = workdir / "flare-cds.toml"
+        self.config.write_text(config_text, "utf-8")
+        self.log_path = workdir / "serve.log"
+        self.workers = workers
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServeProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLARE_CDS_")}
+        command = [
+            sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(self.port), "--workers", str(self.workers), "--config", str(self.config),
+        ]
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            command, cwd=self.workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start in 30 s")
+
+    def stop(self, sig: int | None = None) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            if sig is None:
+                self.process.terminate()
+            else:
+                self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", errors="replace")
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    started: list[ServeProcess] = []
+
+    def start(config_text: str = "", workers: int = 2) -> ServeProcess:
+        server = ServeProcess(config_text, tmp_path, workers).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process is not None and server.process.poll() is None:
+            server.stop()

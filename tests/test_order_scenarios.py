@@ -1,0 +1,162 @@
+"""Every order-hook scenario in fhir_fixtures/ through the HTTP endpoint.
+
+Each row says what a clinician should see: the indicator, the finding, the data the card must
+show (so it can be checked), and which suggestions it offers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import all_fixture_names, assert_conforms, load_fixture, post_hook
+
+# scenario -> (indicator or None for no card, finding, strings the detail must show, suggestions)
+EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = {
+    "order-sign/wm-igm-4500-rituximab": (
+        "warning", "igm-high", ("4,500", "2026-11-15", "Observation/"), ("plasmapheresis", "delete")),
+    "order-sign/wm-igm-exactly-4000": ("warning", "igm-high", ("4,000",), ("plasmapheresis", "delete")),
+    "order-sign/wm-igm-3999": ("info", "igm-below-threshold", ("3,999",), ()),
+    "order-sign/wm-igm-5600-very-high": (
+        "warning", "igm-high", ("5,600", "at or above 5,000"), ("plasmapheresis", "delete")),
+    "order-sign/wm-igm-45-g-per-l": ("warning", "igm-high", ("45 g/L", "4,500"), ("plasmapheresis", "delete")),
+    "order-sign/wm-igm-4200-mg-per-l": (
+        "warning", "igm-high", ("42000 mg/L", "4,200"), ("plasmapheresis", "delete")),
+    "order-sign/wm-igm-4-1-g-per-dl": ("warning", "igm-high", ("4.1 g/dL", "4,100"), ("plasmapheresis", "delete")),
+    "order-sign/wm-igm-unusable-unit": (
+        "warning", "igm-missing", ("umol/L", "cannot be converted", "4,300"), ("labs",)),
+    "order-sign/wm-no-igm": ("warning", "igm-missing", ("No usable serum IgM is on record",), ("labs",)),
+    "order-sign/wm-igm-stale-45-days": (
+        "warning", "igm-missing", ("3,000", "2026-10-06", "older than 30 days"), ("labs",)),
+    "order-sign/wm-igm-exactly-30-days": ("warning", "igm-high", ("4,100", "2026-10-21"), ("plasmapheresis", "delete")),
+    "order-sign/wm-hyperviscosity-condition": (
+        "critical", "hyperviscosity", ("R70.1", "Condition/", "6,000"), ("plasmapheresis", "delete")),
+    "order-sign/wm-viscosity-4-0-cp": ("critical", "hyperviscosity", ("4 cP", "3,500"), ("plasmapheresis", "delete")),
+    "order-sign/wm-viscosity-3-9-cp": ("info", "igm-below-threshold", ("3.9 cP", "3,500"), ()),
+    "order-sign/wm-entered-in-error-igm": ("info", "igm-below-threshold", ("2,500",), ()),
+    "order-sign/wm-out-of-order-bundle": ("info", "igm-below-threshold", ("2,800", "2026-11-13"), ()),
+    "order-sign/wm-truxima-biosimilar": (
+        "warning", "igm-high", ("rituximab-abbs (Truxima)", "RxNorm 2105824"), ("plasmapheresis", "delete")),
+    "order-sign/wm-rituxan-hycela-sc": (
+        "warning", "igm-high", ("Rituxan Hycela", "RxNorm 1927890"), ("plasmapheresis", "delete")),
+    "order-sign/wm-contained-medication": ("warning", "igm-high", ("RxNorm 226754",), ("plasmapheresis", "delete")),
+    "order-sign/wm-medication-reference-in-bundle": (
+        "warning", "igm-high", ("rituximab-pvvr (Ruxience)",), ("plasmapheresis", "delete")),
+    "order-sign/wm-text-only-order": ("warning", "igm-high", ('name "Rituximab',), ("plasmapheresis", "delete")),
+    "order-sign/wm-obinutuzumab": ("warning", "igm-high", ("obinutuzumab", "4,600"), ("plasmapheresis", "delete")),
+    "order-sign/ra-rituximab-normal-igm": (None, "", (), ()),
+    "order-sign/wm-no-anti-cd20-ordered": (None, "", (), ()),
+    "order-sign/igm-paraprotein-no-diagnosis": ("warning", "igm-high", ("4,800",), ("plasmapheresis", "delete")),
+    "order-sign/wm-stu3-medicationrequest": ("warning", "igm-high", ("FHIR STU3",), ("plasmapheresis", "delete")),
+    "order-sign/wm-dstu2-medicationorder": (
+        "warning", "igm-high", ("FHIR DSTU2", "MedicationOrder/"), ("plasmapheresis", "delete")),
+    "order-sign/wm-r5-codeablereference": ("warning", "igm-high", ("FHIR R5",), ("plasmapheresis", "delete")),
+    "order-select/wm-rituximab-selected": ("warning", "igm-high", ("4,500",), ("plasmapheresis", "delete")),
+    "order-select/wm-rituximab-not-selected": (None, "", (), ()),
+}
+
+
+def test_every_order_fixture_has_an_expectation() -> None:
+    names = all_fixture_names("order-sign") + all_fixture_names("order-select")
+    assert sorted(EXPECTED) == sorted(names)
+    assert len(names) >= 20
+
+
+def _suggestion_kinds(card: dict[str, Any]) -> tuple[str, ...]:
+    kinds = []
+    for suggestion in card.get("suggestions", []):
+        actions = suggestion["actions"]
+        if actions[0]["type"] == "delete":
+            kinds.append("delete")
+        elif actions[0]["resource"]["code"]["coding"][0]["code"] == "36514":
+            kinds.append("plasmapheresis")
+        else:
+            kinds.append("labs")
+    return tuple(kinds)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_scenario(client: Any, name: str) -> None:
+    indicator, finding, shown, suggestions = EXPECTED[name]
+    body = load_fixture(name)
+    response = post_hook(client, body)
+    assert response.status_code == 200, response.get_json()
+    answer = response.get_json()
+    assert_conforms(answer, "CdsResponse")
+    if indicator is None:
+        assert answer == {"cards": []}
+        return
+    [card] = answer["cards"]
+    assert card["indicator"] == indicator
+    assert card["source"]["topic"]["code"] == finding
+    assert len(card["summary"]) < 140
+    for text in shown:
+        assert text in card["detail"], f"{text!r} not shown on the card"
+    assert f"Rule `{finding}` v" in card["detail"]
+    assert _suggestion_kinds(card) == suggestions
+    patient = body["context"]["patientId"]
+    for suggestion in card.get("suggestions", []):
+        for action in suggestion["actions"]:
+            if action["type"] == "create":
+                assert action["resource"]["subject"] == {"reference": f"Patient/{patient}"}
+            else:
+                order_ids = {
+                    f"{e['resource']['resourceType']}/{e['resource']['id']}"
+                    for e in body["context"]["draftOrders"]["entry"]
+                }
+                assert action["resourceId"] in order_ids
+
+
+def test_summary_names_drug_and_value(client: Any) -> None:
+    card = post_hook(client, load_fixture("order-sign/wm-igm-4500-rituximab")).get_json()["cards"][0]
+    assert "rituximab" in card["summary"] and "4,500 mg/dL" in card["summary"]
+
+
+def test_critical_card_recommends_plasmapheresis(client: Any) -> None:
+    card = post_hook(client, load_fixture("order-sign/wm-viscosity-4-0-cp")).get_json()["cards"][0]
+    apheresis = card["suggestions"][0]
+    assert apheresis["isRecommended"] is True
+    resource = apheresis["actions"][0]["resource"]
+    codes = {(c["system"], c["code"]) for c in resource["code"]["coding"]}
+    assert ("http://www.ama-assn.org/go/cpt", "36514") in codes
+    assert ("http://snomed.info/sct", "127788007") in codes
+    assert resource["priority"] == "urgent"
+
+
+def test_missing_igm_suggests_igm_and_viscosity(client: Any) -> None:
+    card = post_hook(client, load_fixture("order-sign/wm-no-igm")).get_json()["cards"][0]
+    [labs] = card["suggestions"]
+    loinc = [a["resource"]["code"]["coding"][0]["code"] for a in labs["actions"]]
+    assert loinc == ["2472-9", "3128-6"]
+    assert labs["isRecommended"] is True
+
+
+def test_high_igm_offers_a_choice_not_a_default(client: Any) -> None:
+    card = post_hook(client, load_fixture("order-sign/wm-igm-4500-rituximab")).get_json()["cards"][0]
+    assert card["selectionBehavior"] == "at-most-one"
+    assert not any(s.get("isRecommended") for s in card["suggestions"])
+
+
+def test_info_card_can_be_turned_off(tmp_path: Any) -> None:
+    from service import create_app
+    from tests.conftest import FIXTURE_NOW, test_settings
+
+    settings = test_settings(tmp_path, rules={"info_card_below_threshold": False})
+    client = create_app(settings, clock=lambda: FIXTURE_NOW).test_client()
+    answer = post_hook(client, load_fixture("order-sign/wm-igm-3999")).get_json()
+    assert answer == {"cards": []}
+    # ...but warnings are never switched off with it.
+    answer = post_hook(client, load_fixture("order-sign/wm-igm-exactly-4000")).get_json()
+    assert answer["cards"][0]["indicator"] == "warning"
+
+
+def test_thresholds_come_from_configuration(tmp_path: Any) -> None:
+    from service import create_app
+    from tests.conftest import FIXTURE_NOW, test_settings
+
+    settings = test_settings(tmp_path, rules={"igm_high_mg_dl": 3000.0})
+    client = create_app(settings, clock=lambda: FIXTURE_NOW).test_client()
+    card = post_hook(client, load_fixture("order-sign/wm-igm-3999")).get_json()["cards"][0]
+    assert card["indicator"] == "warning"
+    assert "at or above 3,000 mg/dL" in card["detail"]
