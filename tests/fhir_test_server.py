@@ -1,0 +1,348 @@
+"""A small FHIR R4 server on loopback, for tests and the benchmark.
+
+It answers reads and the handful of searches the service's prefetch templates use, pages with
+`_count`, records every request, and can be told to misbehave (delays, error statuses, non-JSON,
+OperationOutcome answers, next links to another origin) so the client's failure paths are tested
+against real HTTP rather than mocks.
+
+Fault settings are plain attributes, each one value for every resource type, a {type: value}
+mapping, or (for the on/off faults) a set of types: `server.fail_status = {"Observation": 500}`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from werkzeug.datastructures import MultiDict
+from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.wrappers import Request, Response
+
+FHIR_JSON = "application/fhir+json"
+# Where a resource keeps the date `_sort=date` orders by, first match wins.
+_DATE_PATHS = (
+    ("effectiveDateTime",),
+    ("effectivePeriod", "start"),
+    ("issued",),
+    ("authoredOn",),
+    ("onsetDateTime",),
+    ("recordedDate",),
+)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    query: str
+    args: MultiDict[str, str]
+    authorization: str | None
+    accept: str | None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args: Any, **kwargs: Any) -> None:
+        """One log line per request would drown test output."""
+
+
+def _fault(setting: Any, resource_type: str) -> Any:
+    if isinstance(setting, Mapping):
+        return setting.get(resource_type)
+    if isinstance(setting, set | frozenset | list | tuple):
+        return resource_type in setting
+    return setting
+
+
+def _unpack(resource: Any) -> list[dict[str, Any]]:
+    """A Bundle's entry resources, or the resource itself; OperationOutcomes are not data."""
+    if not isinstance(resource, dict) or resource.get("resourceType") == "OperationOutcome":
+        return []
+    if resource.get("resourceType") == "Bundle":
+        return [r for e in resource.get("entry") or [] for r in _unpack(e.get("resource"))]
+    return [resource]
+
+
+def hook_request_resources(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Every resource in the `prefetch` values of CDS Hooks request files (directories recurse)."""
+    resources: list[dict[str, Any]] = []
+    for path in map(Path, paths):
+        for file in sorted(path.rglob("*.json")) if path.is_dir() else [path]:
+            request = json.loads(file.read_text(encoding="utf-8"))
+            for value in (request.get("prefetch") or {}).values():
+                resources.extend(_unpack(value))
+    return resources
+
+
+def _codings(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    concepts = [
+        resource.get("code"),
+        resource.get("medicationCodeableConcept"),
+        (resource.get("medication") or {}).get("concept"),  # R5 CodeableReference
+    ]
+    return [
+        c for concept in concepts if isinstance(concept, dict) for c in concept.get("coding", [])
+    ]
+
+
+def _token_matches(token: str, codings: list[dict[str, Any]]) -> bool:
+    system, sep, code = token.rpartition("|")
+    return any(
+        c.get("code") == code and (not sep or not system or c.get("system") == system)
+        for c in codings
+    )
+
+
+def _patient_of(resource: dict[str, Any]) -> str:
+    for field in ("subject", "patient"):
+        reference = (resource.get(field) or {}).get("reference")
+        if isinstance(reference, str):
+            return reference
+    return ""
+
+
+def _reference_matches(resource: dict[str, Any], value: str) -> bool:
+    return _patient_of(resource) == (value if "/" in value else f"Patient/{value}")
+
+
+def _date(resource: dict[str, Any]) -> str | None:
+    for path in _DATE_PATHS:
+        value: Any = resource
+        for step in path:
+            value = value.get(step) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _matches(resource: dict[str, Any], args: MultiDict[str, str]) -> bool:
+    """AND across parameters and repeats, OR across a comma list; unknown parameters are ignored
+    the way a lenient FHIR server does."""
+    for name, value in args.items(multi=True):
+        options = value.split(",")
+        if name in ("patient", "subject"):
+            ok = any(_reference_matches(resource, o) for o in options)
+        elif name == "_id":
+            ok = resource.get("id") in options
+        elif name == "code":
+            ok = any(_token_matches(o, _codings(resource)) for o in options)
+        elif name == "status":
+            ok = resource.get("status") in options
+        elif name == "clinical-status":
+            coding = (resource.get("clinicalStatus") or {}).get("coding", [])
+            ok = any(_token_matches(o, coding) for o in options)
+        else:
+            continue
+        if not ok:
+            return False
+    return True
+
+
+class FhirTestServer:
+    """`with FhirTestServer() as fhir:` serves `fhir.base_url` until the block ends."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, base_path: str = "/fhir") -> None:
+        self.host = host
+        self.base_path = base_path.rstrip("/")
+        self._port = port
+        self._lock = threading.Lock()
+        # Keyed by (type, id, patient): fixtures reuse ids like "igm-2026-11-15" across patients,
+        # and every patient's searches must still find all of that patient's data.
+        self._resources: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._requests: list[RecordedRequest] = []
+        self._stopping = threading.Event()
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.reset_faults()
+
+    def reset_faults(self) -> None:
+        self.delay_seconds: float | Mapping[str, float] = 0.0
+        self.fail_status: int | Mapping[str, int] | None = None
+        self.malformed: bool | Iterable[str] = False
+        self.operation_outcome: bool | Iterable[str] = False
+        self.next_link_origin: str | None = None  # e.g. "http://127.0.0.2:8123"
+        self.required_token: str | None = None  # when set, other tokens get 401
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> FhirTestServer:
+        self._server = make_server(
+            self.host, self._port, self._app, threaded=True, request_handler=_QuietHandler
+        )
+        self._port = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # quick shutdown
+            name=f"fhir-test-server-{self._port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()  # wakes handlers sleeping in an injected delay
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> FhirTestServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def origin(self) -> str:
+        return f"http://{self.host}:{self._port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.origin + self.base_path
+
+    # -- data and records ------------------------------------------------------------------
+
+    def add_resources(self, resources: Iterable[dict[str, Any]]) -> int:
+        """Store resources (Bundles are unpacked into their entries); returns how many."""
+        added = 0
+        with self._lock:
+            for resource in (r for item in resources for r in _unpack(item)):
+                resource_id = resource.get("id") or f"generated-{len(self._resources) + 1}"
+                key = (resource["resourceType"], resource_id, _patient_of(resource))
+                self._resources[key] = {**resource, "id": resource_id}
+                added += 1
+        return added
+
+    def load_fixture_requests(self, paths: Iterable[str | Path]) -> int:
+        """Store every resource from the prefetch of CDS Hooks request files or directories."""
+        return self.add_resources(hook_request_resources(paths))
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        request = Request(environ)
+        with self._lock:
+            self._requests.append(
+                RecordedRequest(
+                    request.method,
+                    request.path,
+                    request.query_string.decode("latin-1"),
+                    request.args.copy(),
+                    request.headers.get("Authorization"),
+                    request.headers.get("Accept"),
+                )
+            )
+        return self._respond(request)(environ, start_response)
+
+    def _respond(self, request: Request) -> Response:
+        if request.method != "GET":
+            return _outcome(405, "not-supported", "only GET is supported")
+        if not request.path.startswith(self.base_path + "/"):
+            return _outcome(404, "not-found", "not a FHIR endpoint")
+        segments = [s for s in request.path[len(self.base_path) :].split("/") if s]
+        resource_type = segments[0] if segments else ""
+        delay = _fault(self.delay_seconds, resource_type) or 0.0
+        if delay:
+            self._stopping.wait(delay)
+        if self.required_token and (
+            request.headers.get("Authorization") != f"Bearer {self.required_token}"
+        ):
+            return _outcome(401, "login", "invalid or missing access token")
+        status = _fault(self.fail_status, resource_type)
+        if status:
+            return _outcome(status, "exception", f"injected failure {status}")
+        if _fault(self.malformed, resource_type):
+            return Response("<html><body>Bad gateway</body></html>", 200, mimetype="text/html")
+        if _fault(self.operation_outcome, resource_type):
+            return _outcome(200, "processing", "search could not be completed")
+        if len(segments) == 2:
+            return self._read(resource_type, segments[1])
+        if len(segments) == 1:
+            return self._search(resource_type, request.args)
+        return _outcome(400, "not-supported", "only read and type-level search are supported")
+
+    def _read(self, resource_type: str, resource_id: str) -> Response:
+        key = (resource_type, resource_id)
+        with self._lock:  # the last one stored wins when patients share an id
+            found = [r for (t, i, _), r in self._resources.items() if (t, i) == key]
+        if not found:
+            return _outcome(404, "not-found", f"{resource_type}/{resource_id} is not known")
+        return _json(200, found[-1])
+
+    def _search(self, resource_type: str, args: MultiDict[str, str]) -> Response:
+        criteria = MultiDict(
+            [(k, v) for k, v in args.items(multi=True) if k not in ("_sort", "_count", "_getpages")]
+        )
+        with self._lock:
+            found = [
+                r
+                for (kind, _, _), r in self._resources.items()
+                if kind == resource_type and _matches(r, criteria)
+            ]
+        sort = args.get("_sort")
+        if sort in ("date", "-date"):
+            dated = sorted((r for r in found if _date(r)), key=_date, reverse=sort == "-date")
+            found = dated + [r for r in found if not _date(r)]  # undated last either way
+        count = args.get("_count", type=int)
+        offset = args.get("_getpages", 0, type=int)
+        page = found[offset : offset + count] if count else found[offset:]
+        base_args = [(k, v) for k, v in args.items(multi=True) if k != "_getpages"]
+        links = [{"relation": "self", "url": self._page_url(resource_type, base_args, offset)}]
+        if count and offset + count < len(found):
+            next_url = self._page_url(resource_type, base_args, offset + count)
+            if self.next_link_origin:
+                next_url = self.next_link_origin.rstrip("/") + next_url[len(self.origin) :]
+            links.append({"relation": "next", "url": next_url})
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(found),
+            "link": links,
+        }
+        if page:
+            bundle["entry"] = [
+                {
+                    "fullUrl": f"{self.base_url}/{resource_type}/{r['id']}",
+                    "resource": r,
+                    "search": {"mode": "match"},
+                }
+                for r in page
+            ]
+        return _json(200, bundle)
+
+    def _page_url(self, resource_type: str, args: list[tuple[str, str]], offset: int) -> str:
+        query = urlencode(args + ([("_getpages", str(offset))] if offset else []))
+        return f"{self.base_url}/{resource_type}" + (f"?{query}" if query else "")
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(json.dumps(body), status, content_type=FHIR_JSON)
+
+
+def _outcome(status: int, code: str, text: str) -> Response:
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+    }
+    response = _json(status, outcome)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="fhir-test-server"'
+    return response
