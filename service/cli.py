@@ -69,8 +69,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from service.server import serve
 
     if args.workers < 1 or args.threads < 1 or not 0 < args.port < 65536:
-        print("flare-cds: --workers and --threads must be >= 1 and --port 1-65535",
-              file=sys.stderr)
+        print("flare-cds: --workers and --threads must be >= 1 and --port 1-65535", file=sys.stderr)
         return 2
     return serve(args.host, args.port, args.workers, args.threads, settings)
 
@@ -90,7 +89,9 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     except (OSError, ValueError) as exc:
         print(f"flare-cds: cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
-    service_id = args.service or HOOK_SERVICES.get(str(body.get("hook")) if isinstance(body, dict) else "")
+    service_id = args.service or HOOK_SERVICES.get(
+        str(body.get("hook")) if isinstance(body, dict) else ""
+    )
     if not service_id:
         print("flare-cds: the file has no known hook; pass --service", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ def _status_code(value: Any) -> str | None:
 
 
 def is_current(condition: Mapping[str, Any], now: datetime) -> bool:
-    """Active, recurring or relapsed - or with no clinical status, which is not taken as resolved."""
+    """Active, recurring or relapsed - or with no clinical status (not taken as resolved)."""
     if _status_code(condition.get("verificationStatus")) in EXCLUDED_VERIFICATION:
         return False
     if _status_code(condition.get("clinicalStatus")) in INACTIVE_CLINICAL:

@@ -154,9 +154,7 @@ def assess_followup(
     rebound = _btk_rebound(record, terminology, rules, now, labs.igm_series)
     if rebound is not None:
         findings.append(rebound)
-    return [
-        _with_viscosity(f, labs.viscosity, hyper_conditions, hyperviscous) for f in findings
-    ]
+    return [_with_viscosity(f, labs.viscosity, hyper_conditions, hyperviscous) for f in findings]
 
 
 def _with_viscosity(
@@ -170,8 +168,17 @@ def _with_viscosity(
         kind = FLARE_HYPERVISCOSITY if kind == FLARE else kind
         indicator = "critical"
     return FollowupFinding(
-        kind, indicator, finding.drug, finding.start, finding.start_record, finding.baseline,
-        finding.latest, finding.series, viscosity, conditions, hyperviscous,
+        kind,
+        indicator,
+        finding.drug,
+        finding.start,
+        finding.start_record,
+        finding.baseline,
+        finding.latest,
+        finding.series,
+        viscosity,
+        conditions,
+        hyperviscous,
     )
 
 
@@ -191,9 +198,17 @@ def _flare(
     if not after or latest is not after[-1] or latest.effective > window_end:
         return None  # nothing measured since the start, or the flare window has passed
     shown = tuple(([baseline] if baseline else []) + after)
-    common = dict(drug=first.drug, start=first.when, start_record=first.record,
-                  baseline=baseline, latest=latest, series=shown, viscosity=None,
-                  hyperviscosity_conditions=(), hyperviscosity=False)
+    common = dict(
+        drug=first.drug,
+        start=first.when,
+        start_record=first.record,
+        baseline=baseline,
+        latest=latest,
+        series=shown,
+        viscosity=None,
+        hyperviscosity_conditions=(),
+        hyperviscosity=False,
+    )
     if baseline is None:
         return FollowupFinding(FLARE_NO_BASELINE, "info", **common)
     rise = (latest.normalised / baseline.normalised - 1) * 100 if baseline.normalised > 0 else 0
@@ -214,8 +229,9 @@ def _btk_rebound(
     for request in record.medication_requests:
         drug = _drug_of(request, groups, meds)
         if drug and request.get("status") in ORDERED_STATUSES:
-            btk.append((_request_start(request) or datetime.min.replace(tzinfo=now.tzinfo),
-                        drug, request))
+            btk.append(
+                (_request_start(request) or datetime.min.replace(tzinfo=now.tzinfo), drug, request)
+            )
     if not btk:
         return None
     _, drug, latest_request = max(btk, key=lambda item: item[0])
@@ -232,6 +248,15 @@ def _btk_rebound(
     if rise <= rules.btk_rebound_rise_percent:
         return None
     return FollowupFinding(
-        BTK_REBOUND, "info", drug, held, f"MedicationRequest/{latest_request.get('id')}",
-        baseline, latest, (baseline, *after), None, (), False,
+        BTK_REBOUND,
+        "info",
+        drug,
+        held,
+        f"MedicationRequest/{latest_request.get('id')}",
+        baseline,
+        latest,
+        (baseline, *after),
+        None,
+        (),
+        False,
     )

@@ -33,11 +33,23 @@ def series_table(finding: FollowupFinding) -> str:
         else:
             pct = (reading.normalised / finding.baseline.normalised - 1) * 100
             change = f"{pct:+.0f}%"
-        weeks = _weeks(finding, reading.effective) if reading.effective >= finding.start else "before"
-        rows.append((day(reading.effective), reading.reported, mg_dl(reading.normalised), change,
-                     weeks, f"Observation/{reading.observation_id}"))
-    caption = (f"Start: {day(finding.start)} ({finding.start_record}). "
-               "Serum IgM, usable results only (final, amended or corrected; converted to mg/dL):")
+        weeks = (
+            _weeks(finding, reading.effective) if reading.effective >= finding.start else "before"
+        )
+        rows.append(
+            (
+                day(reading.effective),
+                reading.reported,
+                mg_dl(reading.normalised),
+                change,
+                weeks,
+                f"Observation/{reading.observation_id}",
+            )
+        )
+    caption = (
+        f"Start: {day(finding.start)} ({finding.start_record}). "
+        "Serum IgM, usable results only (final, amended or corrected; converted to mg/dL):"
+    )
     headers = ("Date", "As reported", "mg/dL", "Change from baseline", since, "Record")
     return caption + "\n\n" + table(headers, rows)
 
@@ -46,10 +58,18 @@ def hyperviscosity_table(finding: FollowupFinding) -> str:
     rows = []
     if finding.viscosity is not None:
         v = finding.viscosity
-        rows.append(("Serum viscosity", v.reported, day(v.effective), f"Observation/{v.observation_id}"))
+        rows.append(
+            ("Serum viscosity", v.reported, day(v.effective), f"Observation/{v.observation_id}")
+        )
     for cond in finding.hyperviscosity_conditions:
-        rows.append(("Hyperviscosity diagnosis", f"{cond.display} ({cond.code})", "",
-                     f"Condition/{cond.condition_id}"))
+        rows.append(
+            (
+                "Hyperviscosity diagnosis",
+                f"{cond.display} ({cond.code})",
+                "",
+                f"Condition/{cond.condition_id}",
+            )
+        )
     return table(("Data", "As reported", "Date", "Record"), rows)
 
 
@@ -77,7 +97,8 @@ def render_followup_card(
     if finding.kind == FLARE_NO_BASELINE:
         values["hyperviscosity_note"] = (
             builder.fragment(FLARE_NO_BASELINE, "hyperviscosity_note", values)
-            if finding.hyperviscosity else ""
+            if finding.hyperviscosity
+            else ""
         )
     suggestions = []
     if finding.hyperviscosity and finding.kind in (FLARE_HYPERVISCOSITY, FLARE_NO_BASELINE):
@@ -88,9 +109,11 @@ def render_followup_card(
         request = plasmapheresis_request(
             patient_id, True, f"Hyperviscosity with rising IgM after {finding.drug}", evidence
         )
-        suggestions.append(SuggestionSpec(
-            "plasmapheresis", [create_action("Order plasmapheresis", request)], recommended=True
-        ))
+        suggestions.append(
+            SuggestionSpec(
+                "plasmapheresis", [create_action("Order plasmapheresis", request)], recommended=True
+            )
+        )
     return builder.build(finding.kind, values, suggestions, indicator=finding.indicator)
 
 

@@ -65,7 +65,9 @@ def check_request(runtime: Runtime, definition: ServiceDefinition, body: Any) ->
         )
 
 
-def run_hook(runtime: Runtime, definition: ServiceDefinition, body: Mapping[str, Any]) -> HookResult:
+def run_hook(
+    runtime: Runtime, definition: ServiceDefinition, body: Mapping[str, Any]
+) -> HookResult:
     check_request(runtime, definition, body)
     context = body["context"]
     patient_id = context["patientId"]
@@ -91,17 +93,22 @@ def run_hook(runtime: Runtime, definition: ServiceDefinition, body: Mapping[str,
                     cards.append(render_order_card(finding, patient_id, runtime.builder))
     except DraftOrderError as exc:
         raise ApiError(
-            400, "invalid_fhir", f"a draft order cannot be read: {exc.problem}",
+            400,
+            "invalid_fhir",
+            f"a draft order cannot be read: {exc.problem}",
             [{"location": exc.location, "problem": exc.problem}],
         ) from None
     except InvalidPrefetch as exc:
         raise ApiError(
-            400, "invalid_prefetch", f"{exc.location}: {exc.problem}",
+            400,
+            "invalid_prefetch",
+            f"{exc.location}: {exc.problem}",
             [{"location": exc.location, "problem": exc.problem}],
         ) from None
     except DataUnavailable as exc:
         raise ApiError(
-            412, "prefetch_unavailable",
+            412,
+            "prefetch_unavailable",
             "required patient data could not be obtained from prefetch or the FHIR server",
             missing=[m.as_json() for m in exc.missing],
         ) from None

@@ -115,7 +115,12 @@ def _quantity(resource: Mapping[str, Any]) -> tuple[float, str, str, str] | None
     code = quantity.get("code") if quantity.get("system") in (None, UCUM) else None
     unit = quantity.get("unit")
     comparator = quantity.get("comparator") or ""
-    return float(value), code if isinstance(code, str) else "", unit if isinstance(unit, str) else "", comparator
+    return (
+        float(value),
+        code if isinstance(code, str) else "",
+        unit if isinstance(unit, str) else "",
+        comparator,
+    )
 
 
 def _resolve_unit(code: str, unit: str, known: Mapping[str, Any]) -> tuple[Any, str]:

@@ -20,7 +20,7 @@ MEDICATION_ORDER_TYPES = frozenset({"MedicationRequest", "MedicationOrder"})
 
 
 class DraftOrderError(ValueError):
-    """A draft order cannot be read; `location` names the entry (e.g. context.draftOrders.entry[2])."""
+    """A draft order cannot be read; `location` names the entry (context.draftOrders.entry[2])."""
 
     def __init__(self, location: str, problem: str) -> None:
         super().__init__(f"{location}: {problem}")
@@ -32,7 +32,9 @@ class DraftOrderError(ValueError):
 class DrugOrder:
     """A draft order for a drug of interest, and how the drug was recognised."""
 
-    reference: str  # "MedicationRequest/abc", used for delete suggestions; "" when the order has no id
+    reference: (
+        str  # "MedicationRequest/abc", used for delete suggestions; "" when the order has no id
+    )
     drug: str
     matched_by: str
     fhir_version: str
@@ -79,7 +81,9 @@ def _validate(resource: Mapping[str, Any], version: str, location: str) -> None:
             f"{'.'.join(str(p) for p in err['loc']) or '(resource)'}: {err['msg']}"
             for err in exc.errors()[:3]
         )
-        raise DraftOrderError(location, f"not a valid FHIR {version} MedicationRequest ({problems})") from None
+        raise DraftOrderError(
+            location, f"not a valid FHIR {version} MedicationRequest ({problems})"
+        ) from None
 
 
 def medication_concepts(

@@ -26,7 +26,8 @@ def read_json_body() -> Any:
     mimetype = (request.mimetype or "").lower()
     if mimetype not in JSON_TYPES:
         raise ApiError(
-            415, "unsupported_media_type",
+            415,
+            "unsupported_media_type",
             f"send the body as application/json, not {mimetype or 'no content type'}",
         )
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
@@ -36,7 +37,8 @@ def read_json_body() -> Any:
         raise ApiError(400, "invalid_json", "the body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ApiError(
-            400, "invalid_json",
+            400,
+            "invalid_json",
             f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
         ) from None
     except RecursionError:
@@ -71,20 +73,27 @@ def call_service(service_id: str) -> Response:
 def _record_issued(rt: Runtime, service_id: str, hook: str, result: Any) -> None:
     """Remember what was sent so feedback can be joined to it; never fail the clinical answer."""
     try:
-        from service.feedback_store import IssuedCard, load_or_create_hash_key, patient_hash
+        from service.feedback_store import IssuedCard, patient_hash
 
         store = rt.store()
-        key = load_or_create_hash_key(rt.settings.storage)
+        key = rt.patient_hash_key()
         issued_at = datetime.now(UTC)
-        store.record_issued([
-            IssuedCard(
-                uuid=c.card["uuid"], service_id=service_id, hook=hook,
-                hook_instance=result.hook_instance, finding=c.finding,
-                rule_version=c.rule_version, indicator=c.indicator, issued_at=issued_at,
-                patient_hash=patient_hash(key, result.patient_id),
-            )
-            for c in result.cards
-        ])
+        store.record_issued(
+            [
+                IssuedCard(
+                    uuid=c.card["uuid"],
+                    service_id=service_id,
+                    hook=hook,
+                    hook_instance=result.hook_instance,
+                    finding=c.finding,
+                    rule_version=c.rule_version,
+                    indicator=c.indicator,
+                    issued_at=issued_at,
+                    patient_hash=patient_hash(key, result.patient_id),
+                )
+                for c in result.cards
+            ]
+        )
     except Exception:
         log.exception("could not record issued cards; the cards were still sent")
 
@@ -97,10 +106,17 @@ def feedback(service_id: str) -> Response:
     problems = rt.contract.problems("FeedbackRequest", body)
     if problems:
         raise ApiError(
-            400, "invalid_request", "the feedback does not match the CDS Hooks 2.0 schema",
+            400,
+            "invalid_request",
+            "the feedback does not match the CDS Hooks 2.0 schema",
             [p.as_json() for p in problems],
         )
-    result = rt.store().record_feedback(service_id, body["feedback"], datetime.now(UTC))
+    from service.feedback_store import InvalidFeedback
+
+    try:
+        result = rt.store().record_feedback(service_id, body["feedback"], datetime.now(UTC))
+    except InvalidFeedback as exc:
+        raise ApiError(400, "invalid_request", f"the feedback cannot be stored: {exc}") from None
     answer: dict[str, Any] = {"received": result.received, "duplicates": result.duplicates}
     if result.unknown_cards:
         answer["unknownCards"] = list(result.unknown_cards)

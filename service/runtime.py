@@ -47,6 +47,7 @@ class Runtime:
         self._fetcher = fetcher
         self._store = store
         self._verifier = verifier
+        self._hash_key: bytes | None = None
 
     def fetcher(self) -> Any:
         with self._lock:
@@ -63,6 +64,15 @@ class Runtime:
 
                 self._store = open_store(self.settings.storage)
             return self._store
+
+    def patient_hash_key(self) -> bytes:
+        """The key for hashing patient ids in the feedback store, read once per process."""
+        with self._lock:
+            if self._hash_key is None:
+                from service.feedback_store import load_or_create_hash_key
+
+                self._hash_key = load_or_create_hash_key(self.settings.storage)
+            return self._hash_key
 
     def verifier(self) -> Any:
         with self._lock:

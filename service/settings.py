@@ -117,7 +117,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     def replace(self, **sections: Any) -> Settings:
-        """A copy with whole sections or {key: value} overrides replaced (used by tests and tools)."""
+        """A copy with whole sections, or {key: value} overrides, replaced (for tests and tools)."""
         updated = {}
         for name, value in sections.items():
             current = getattr(self, name)

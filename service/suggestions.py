@@ -10,7 +10,11 @@ LOINC = "http://loinc.org"
 
 
 def _service_request(
-    patient_id: str, coding: list[dict[str, str]], text: str, priority: str, reason: str,
+    patient_id: str,
+    coding: list[dict[str, str]],
+    text: str,
+    priority: str,
+    reason: str,
     evidence: list[str],
 ) -> dict[str, Any]:
     resource: dict[str, Any] = {
@@ -33,7 +37,11 @@ def plasmapheresis_request(
     return _service_request(
         patient_id,
         [
-            {"system": CPT, "code": "36514", "display": "Therapeutic apheresis; for plasma pheresis"},
+            {
+                "system": CPT,
+                "code": "36514",
+                "display": "Therapeutic apheresis; for plasma pheresis",
+            },
             {"system": SNOMED, "code": "127788007", "display": "Apheresis (procedure)"},
         ],
         "Plasmapheresis before anti-CD20 antibody",

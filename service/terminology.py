@@ -109,7 +109,9 @@ def _shipped() -> dict[str, Any]:
     return json.loads(text)
 
 
-def _code_set(entries: Iterable[Mapping[str, Any]], extra: Iterable[str]) -> frozenset[tuple[str, str]]:
+def _code_set(
+    entries: Iterable[Mapping[str, Any]], extra: Iterable[str]
+) -> frozenset[tuple[str, str]]:
     pairs = {normalise_code(e["system"], e["code"]) for e in entries}
     for item in extra:
         system, _, code = item.partition("|")
@@ -152,6 +154,8 @@ def build_terminology(settings: TerminologySettings) -> Terminology:
             data["anti_cd20"], settings.anti_cd20_codes, "anti-CD20 antibody (site-configured code)"
         ),
         btk_inhibitors=_drug_groups(
-            data["btk_inhibitors"], settings.btk_inhibitor_codes, "BTK inhibitor (site-configured code)"
+            data["btk_inhibitors"],
+            settings.btk_inhibitor_codes,
+            "BTK inhibitor (site-configured code)",
         ),
     )

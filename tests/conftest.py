@@ -145,8 +145,18 @@ class ServeProcess:
     def start(self) -> ServeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLARE_CDS_")}
         command = [
-            sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(self.port), "--workers", str(self.workers), "--config", str(self.config),
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            "--config",
+            str(self.config),
         ]
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(

@@ -15,44 +15,154 @@ from tests.conftest import all_fixture_names, assert_conforms, load_fixture, pos
 # scenario -> (indicator or None for no card, finding, strings the detail must show, suggestions)
 EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = {
     "order-sign/wm-igm-4500-rituximab": (
-        "warning", "igm-high", ("4,500", "2026-11-15", "Observation/"), ("plasmapheresis", "delete")),
-    "order-sign/wm-igm-exactly-4000": ("warning", "igm-high", ("4,000",), ("plasmapheresis", "delete")),
+        "warning",
+        "igm-high",
+        ("4,500", "2026-11-15", "Observation/"),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-sign/wm-igm-exactly-4000": (
+        "warning",
+        "igm-high",
+        ("4,000",),
+        ("plasmapheresis", "delete"),
+    ),
     "order-sign/wm-igm-3999": ("info", "igm-below-threshold", ("3,999",), ()),
     "order-sign/wm-igm-5600-very-high": (
-        "warning", "igm-high", ("5,600", "at or above 5,000"), ("plasmapheresis", "delete")),
-    "order-sign/wm-igm-45-g-per-l": ("warning", "igm-high", ("45 g/L", "4,500"), ("plasmapheresis", "delete")),
+        "warning",
+        "igm-high",
+        ("5,600", "at or above 5,000"),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-sign/wm-igm-45-g-per-l": (
+        "warning",
+        "igm-high",
+        ("45 g/L", "4,500"),
+        ("plasmapheresis", "delete"),
+    ),
     "order-sign/wm-igm-4200-mg-per-l": (
-        "warning", "igm-high", ("42000 mg/L", "4,200"), ("plasmapheresis", "delete")),
-    "order-sign/wm-igm-4-1-g-per-dl": ("warning", "igm-high", ("4.1 g/dL", "4,100"), ("plasmapheresis", "delete")),
+        "warning",
+        "igm-high",
+        ("42000 mg/L", "4,200"),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-sign/wm-igm-4-1-g-per-dl": (
+        "warning",
+        "igm-high",
+        ("4.1 g/dL", "4,100"),
+        ("plasmapheresis", "delete"),
+    ),
     "order-sign/wm-igm-unusable-unit": (
-        "warning", "igm-missing", ("umol/L", "cannot be converted", "4,300"), ("labs",)),
-    "order-sign/wm-no-igm": ("warning", "igm-missing", ("No usable serum IgM is on record",), ("labs",)),
+        "warning",
+        "igm-missing",
+        ("umol/L", "cannot be converted", "4,300"),
+        ("labs",),
+    ),
+    "order-sign/wm-no-igm": (
+        "warning",
+        "igm-missing",
+        ("No usable serum IgM is on record",),
+        ("labs",),
+    ),
     "order-sign/wm-igm-stale-45-days": (
-        "warning", "igm-missing", ("3,000", "2026-10-06", "older than 30 days"), ("labs",)),
-    "order-sign/wm-igm-exactly-30-days": ("warning", "igm-high", ("4,100", "2026-10-21"), ("plasmapheresis", "delete")),
+        "warning",
+        "igm-missing",
+        ("3,000", "2026-10-06", "older than 30 days"),
+        ("labs",),
+    ),
+    "order-sign/wm-igm-exactly-30-days": (
+        "warning",
+        "igm-high",
+        ("4,100", "2026-10-21"),
+        ("plasmapheresis", "delete"),
+    ),
     "order-sign/wm-hyperviscosity-condition": (
-        "critical", "hyperviscosity", ("R70.1", "Condition/", "6,000"), ("plasmapheresis", "delete")),
-    "order-sign/wm-viscosity-4-0-cp": ("critical", "hyperviscosity", ("4 cP", "3,500"), ("plasmapheresis", "delete")),
+        "critical",
+        "hyperviscosity",
+        ("R70.1", "Condition/", "6,000"),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-sign/wm-viscosity-4-0-cp": (
+        "critical",
+        "hyperviscosity",
+        ("4 cP", "3,500"),
+        ("plasmapheresis", "delete"),
+    ),
     "order-sign/wm-viscosity-3-9-cp": ("info", "igm-below-threshold", ("3.9 cP", "3,500"), ()),
     "order-sign/wm-entered-in-error-igm": ("info", "igm-below-threshold", ("2,500",), ()),
-    "order-sign/wm-out-of-order-bundle": ("info", "igm-below-threshold", ("2,800", "2026-11-13"), ()),
+    "order-sign/wm-out-of-order-bundle": (
+        "info",
+        "igm-below-threshold",
+        ("2,800", "2026-11-13"),
+        (),
+    ),
     "order-sign/wm-truxima-biosimilar": (
-        "warning", "igm-high", ("rituximab-abbs (Truxima)", "RxNorm 2105824"), ("plasmapheresis", "delete")),
+        "warning",
+        "igm-high",
+        ("rituximab-abbs (Truxima)", "RxNorm 2105824"),
+        ("plasmapheresis", "delete"),
+    ),
     "order-sign/wm-rituxan-hycela-sc": (
-        "warning", "igm-high", ("Rituxan Hycela", "RxNorm 1927890"), ("plasmapheresis", "delete")),
-    "order-sign/wm-contained-medication": ("warning", "igm-high", ("RxNorm 226754",), ("plasmapheresis", "delete")),
+        "warning",
+        "igm-high",
+        ("Rituxan Hycela", "RxNorm 1927890"),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-sign/wm-contained-medication": (
+        "warning",
+        "igm-high",
+        ("RxNorm 226754",),
+        ("plasmapheresis", "delete"),
+    ),
     "order-sign/wm-medication-reference-in-bundle": (
-        "warning", "igm-high", ("rituximab-pvvr (Ruxience)",), ("plasmapheresis", "delete")),
-    "order-sign/wm-text-only-order": ("warning", "igm-high", ('name "Rituximab',), ("plasmapheresis", "delete")),
-    "order-sign/wm-obinutuzumab": ("warning", "igm-high", ("obinutuzumab", "4,600"), ("plasmapheresis", "delete")),
+        "warning",
+        "igm-high",
+        ("rituximab-pvvr (Ruxience)",),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-sign/wm-text-only-order": (
+        "warning",
+        "igm-high",
+        ('name "Rituximab',),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-sign/wm-obinutuzumab": (
+        "warning",
+        "igm-high",
+        ("obinutuzumab", "4,600"),
+        ("plasmapheresis", "delete"),
+    ),
     "order-sign/ra-rituximab-normal-igm": (None, "", (), ()),
     "order-sign/wm-no-anti-cd20-ordered": (None, "", (), ()),
-    "order-sign/igm-paraprotein-no-diagnosis": ("warning", "igm-high", ("4,800",), ("plasmapheresis", "delete")),
-    "order-sign/wm-stu3-medicationrequest": ("warning", "igm-high", ("FHIR STU3",), ("plasmapheresis", "delete")),
+    "order-sign/igm-paraprotein-no-diagnosis": (
+        "warning",
+        "igm-high",
+        ("4,800",),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-sign/wm-stu3-medicationrequest": (
+        "warning",
+        "igm-high",
+        ("FHIR STU3",),
+        ("plasmapheresis", "delete"),
+    ),
     "order-sign/wm-dstu2-medicationorder": (
-        "warning", "igm-high", ("FHIR DSTU2", "MedicationOrder/"), ("plasmapheresis", "delete")),
-    "order-sign/wm-r5-codeablereference": ("warning", "igm-high", ("FHIR R5",), ("plasmapheresis", "delete")),
-    "order-select/wm-rituximab-selected": ("warning", "igm-high", ("4,500",), ("plasmapheresis", "delete")),
+        "warning",
+        "igm-high",
+        ("FHIR DSTU2", "MedicationOrder/"),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-sign/wm-r5-codeablereference": (
+        "warning",
+        "igm-high",
+        ("FHIR R5",),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-select/wm-rituximab-selected": (
+        "warning",
+        "igm-high",
+        ("4,500",),
+        ("plasmapheresis", "delete"),
+    ),
     "order-select/wm-rituximab-not-selected": (None, "", (), ()),
 }
 
@@ -109,7 +219,9 @@ def test_scenario(client: Any, name: str) -> None:
 
 
 def test_summary_names_drug_and_value(client: Any) -> None:
-    card = post_hook(client, load_fixture("order-sign/wm-igm-4500-rituximab")).get_json()["cards"][0]
+    card = post_hook(client, load_fixture("order-sign/wm-igm-4500-rituximab")).get_json()["cards"][
+        0
+    ]
     assert "rituximab" in card["summary"] and "4,500 mg/dL" in card["summary"]
 
 
@@ -133,7 +245,9 @@ def test_missing_igm_suggests_igm_and_viscosity(client: Any) -> None:
 
 
 def test_high_igm_offers_a_choice_not_a_default(client: Any) -> None:
-    card = post_hook(client, load_fixture("order-sign/wm-igm-4500-rituximab")).get_json()["cards"][0]
+    card = post_hook(client, load_fixture("order-sign/wm-igm-4500-rituximab")).get_json()["cards"][
+        0
+    ]
     assert card["selectionBehavior"] == "at-most-one"
     assert not any(s.get("isRecommended") for s in card["suggestions"])
 
