@@ -1,0 +1,166 @@
+"""Recognising anti-CD20 orders in every shape a client may send."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from service.orders import DraftOrderError, find_drug_orders
+from service.settings import TerminologySettings
+from service.terminology import build_terminology
+
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+GROUPS = build_terminology(TerminologySettings()).anti_cd20
+
+
+def bundle(*resources: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": r} for r in resources],
+    }
+
+
+def med_request(med: dict[str, Any], rid: str = "mr1", **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "MedicationRequest",
+        "id": rid,
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        **med,
+        **extra,
+    }
+
+
+def coded(code: str, system: str = RXNORM) -> dict[str, Any]:
+    return {"medicationCodeableConcept": {"coding": [{"system": system, "code": code}]}}
+
+
+@pytest.mark.parametrize(
+    ("code", "drug"),
+    [
+        ("121191", "rituximab"),
+        ("226754", "rituximab"),
+        ("1657864", "rituximab"),
+        ("2105824", "rituximab-abbs (Truxima)"),
+        ("2105835", "rituximab-abbs (Truxima)"),
+        ("2273510", "rituximab-pvvr (Ruxience)"),
+        ("2472325", "rituximab-arrx (Riabni)"),
+        ("2472336", "rituximab-arrx (Riabni)"),
+        ("1927884", "rituximab/hyaluronidase SC (Rituxan Hycela)"),
+        ("974779", "obinutuzumab"),
+        ("712566", "ofatumumab"),
+    ],
+)
+def test_rxnorm_codes(code: str, drug: str) -> None:
+    [order] = find_drug_orders(bundle(med_request(coded(code))), GROUPS)
+    assert order.drug == drug and order.reference == "MedicationRequest/mr1"
+
+
+def test_atc_code() -> None:
+    [order] = find_drug_orders(
+        bundle(med_request(coded("L01FA01", "http://www.whocc.no/atc"))), GROUPS
+    )
+    assert order.drug == "rituximab" and order.matched_by == "ATC L01FA01"
+
+
+@pytest.mark.parametrize(
+    ("text", "drug"),
+    [
+        ("Rituximab 375 mg/m2 IV", "rituximab"),
+        ("RITUXIMAB-ABBS infusion", "rituximab-abbs (Truxima)"),
+        ("Truxima 500 mg", "rituximab-abbs (Truxima)"),
+        ("Gazyva 1000 mg", "obinutuzumab"),
+    ],
+)
+def test_names_in_text(text: str, drug: str) -> None:
+    [order] = find_drug_orders(
+        bundle(med_request({"medicationCodeableConcept": {"text": text}})), GROUPS
+    )
+    assert order.drug == drug
+
+
+@pytest.mark.parametrize(
+    "text", ["Bendamustine 90 mg/m2", "rituximabfoo", "anti-rituximab antibody test"]
+)
+def test_other_drugs_and_partial_words_do_not_match(text: str) -> None:
+    orders = find_drug_orders(
+        bundle(med_request({"medicationCodeableConcept": {"text": text}})), GROUPS
+    )
+    assert orders == []
+
+
+def test_bendamustine_is_not_anti_cd20() -> None:
+    assert find_drug_orders(bundle(med_request(coded("134547"))), GROUPS) == []
+
+
+def test_contained_medication() -> None:
+    request = med_request(
+        {"medicationReference": {"reference": "#m1"}},
+        contained=[
+            {
+                "resourceType": "Medication",
+                "id": "m1",
+                "code": {"coding": [{"system": RXNORM, "code": "226754"}]},
+            }
+        ],
+    )
+    [order] = find_drug_orders(bundle(request), GROUPS)
+    assert order.drug == "rituximab"
+
+
+def test_medication_elsewhere_in_the_bundle_by_full_url() -> None:
+    medication = {
+        "resourceType": "Medication",
+        "id": "m9",
+        "code": {"coding": [{"system": RXNORM, "code": "2273510"}]},
+    }
+    request = med_request({"medicationReference": {"reference": "http://ehr/fhir/Medication/m9"}})
+    [order] = find_drug_orders(bundle(request, medication), GROUPS)
+    assert order.drug == "rituximab-pvvr (Ruxience)"
+
+
+def test_r5_codeable_reference() -> None:
+    request = med_request(
+        {"medication": {"concept": {"coding": [{"system": RXNORM, "code": "121191"}]}}}
+    )
+    [order] = find_drug_orders(bundle(request), GROUPS)
+    assert order.fhir_version == "R5"
+
+
+def test_stu3_and_dstu2_shapes() -> None:
+    stu3 = med_request(coded("121191"), requester={"agent": {"reference": "Practitioner/1"}})
+    [order] = find_drug_orders(bundle(stu3), GROUPS)
+    assert order.fhir_version == "STU3"
+    dstu2 = {"resourceType": "MedicationOrder", "id": "mo1", "status": "draft", **coded("121191")}
+    [order] = find_drug_orders(bundle(dstu2), GROUPS)
+    assert order.fhir_version == "DSTU2" and order.reference == "MedicationOrder/mo1"
+
+
+def test_selections_limit_the_orders() -> None:
+    drafts = bundle(med_request(coded("121191"), "rtx"), med_request(coded("134547"), "benda"))
+    assert find_drug_orders(drafts, GROUPS, ["MedicationRequest/benda"]) == []
+    assert len(find_drug_orders(drafts, GROUPS, ["MedicationRequest/rtx"])) == 1
+
+
+def test_invalid_order_names_its_entry() -> None:
+    broken = med_request(coded("121191"), dosageInstruction={"text": "not a list"})
+    with pytest.raises(DraftOrderError) as caught:
+        find_drug_orders(bundle(med_request(coded("134547"), "ok"), broken), GROUPS)
+    assert caught.value.location == "context.draftOrders.entry[1]"
+    assert "FHIR R4" in caught.value.problem
+
+
+def test_dstu2_order_without_medication_is_refused() -> None:
+    with pytest.raises(DraftOrderError, match="no medication"):
+        find_drug_orders(bundle({"resourceType": "MedicationOrder", "id": "x"}), GROUPS)
+
+
+def test_site_configured_codes_are_recognised() -> None:
+    groups = build_terminology(
+        TerminologySettings(anti_cd20_codes=("urn:local:drugs|RTX1",))
+    ).anti_cd20
+    [order] = find_drug_orders(bundle(med_request(coded("RTX1", "urn:local:drugs"))), groups)
+    assert "site-configured" in order.drug

@@ -1,0 +1,110 @@
+"""Settings: TOML file, environment, and refusal of anything that could silently change a rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings, SettingsError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "flare-cds.toml"
+    path.write_text(text, "utf-8")
+    return path
+
+
+def test_defaults_are_the_clinical_brief() -> None:
+    rules = load_settings(environ={}).rules
+    assert (rules.igm_high_mg_dl, rules.igm_very_high_mg_dl, rules.viscosity_critical_cp) == (
+        4000.0,
+        5000.0,
+        4.0,
+    )
+    assert rules.igm_lookback_days == 30 and rules.flare_rise_percent == 25.0
+    assert load_settings(environ={}).auth.required is False
+
+
+def test_toml_file_and_environment_override(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[rules]\nigm_high_mg_dl = 3500\n[fhir]\nallowed_servers = ["https://fhir.example.org"]\n',
+    )
+    settings = load_settings(path, environ={"FLARE_CDS_RULES_IGM_LOOKBACK_DAYS": "45"})
+    assert settings.rules.igm_high_mg_dl == 3500.0
+    assert settings.rules.igm_lookback_days == 45
+    assert settings.fhir.allowed_servers == ("https://fhir.example.org",)
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "[rules]\nflare_window_days = 90\n")
+    assert load_settings(environ={"FLARE_CDS_CONFIG": str(path)}).rules.flare_window_days == 90
+
+
+def test_environment_lists_and_booleans() -> None:
+    settings = load_settings(
+        environ={
+            "FLARE_CDS_HTTP_CORS_ORIGINS": "https://a.example, https://b.example",
+            "FLARE_CDS_RULES_INFO_CARD_BELOW_THRESHOLD": "false",
+        }
+    )
+    assert settings.http.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.rules.info_card_below_threshold is False
+
+
+def test_auth_issuers_from_toml(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[auth]
+required = true
+public_base_url = "https://cds.example.org"
+[[auth.issuers]]
+iss = "https://sandbox.cds-hooks.org"
+jku = ["https://sandbox.cds-hooks.org/.well-known/jwks.json"]
+tenants = ["t1"]
+""",
+    )
+    auth = load_settings(path, environ={}).auth
+    assert auth.required and auth.issuers[0].iss == "https://sandbox.cds-hooks.org"
+    assert auth.issuers[0].tenants == ("t1",)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[rules]\nigm_hihg_mg_dl = 3000\n", "unknown setting"),
+        ("[rulez]\n", "unknown setting"),
+        ("[rules]\nigm_high_mg_dl = -1\n", "greater than zero"),
+        ("[rules]\nigm_high_mg_dl = 'high'\n", "must be a number"),
+        ("[rules]\nigm_very_high_mg_dl = 3000\n", "must not be below"),
+        ("[rules]\nigm_lookback_days = 30.5\n", "whole number"),
+        ("[rules]\ninfo_card_below_threshold = 'maybe'\n", "true or false"),
+        ("[terminology]\nigm_codes = ['2472-9']\n", "system|code"),
+        ("[auth]\nrequired = true\n", "no [[auth.issuers]]"),
+        ("[[auth.issuers]]\niss = 'x'\n", "jku, jwks_url or jwks_file"),
+        ("[logging]\nlevel = 'LOUD'\n", "not a log level"),
+        ("not toml at all [", "not valid TOML"),
+    ],
+)
+def test_bad_configuration_is_refused_with_a_reason(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("|", r"\|")):
+        load_settings(write(tmp_path, text), environ={})
+
+
+def test_unknown_environment_variable_is_refused() -> None:
+    with pytest.raises(SettingsError, match="FLARE_CDS_RULE_X"):
+        load_settings(environ={"FLARE_CDS_RULE_X": "1"})
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(tmp_path / "absent.toml", environ={})
+
+
+def test_replace_keeps_other_values() -> None:
+    settings = Settings().replace(rules={"igm_high_mg_dl": 3000.0})
+    assert settings.rules.igm_high_mg_dl == 3000.0 and settings.rules.igm_lookback_days == 30
