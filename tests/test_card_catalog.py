@@ -54,7 +54,8 @@ def test_site_can_reword_a_card(tmp_path: Path) -> None:
     from service import create_app
     from tests.conftest import FIXTURE_NOW, load_fixture, post_hook, test_settings
 
-    folder = _copy_cards(tmp_path / "cards" if (tmp_path / "cards").mkdir() is None else tmp_path)
+    (tmp_path / "cards").mkdir()
+    folder = _copy_cards(tmp_path / "cards")
     card = folder / "igm-high.toml"
     card.write_text(card.read_text().replace("IgM flare risk:", "Local wording:"))
     settings = test_settings(tmp_path, cards={"directory": str(folder)})
