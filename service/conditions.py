@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from service.fhir_values import objects
 from service.observations import parse_fhir_datetime
 from service.terminology import codings_of
 
@@ -26,8 +27,8 @@ def _status_code(value: Any) -> str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, Mapping):
-        for coding in value.get("coding") or ():
-            if isinstance(coding, Mapping) and isinstance(coding.get("code"), str):
+        for coding in objects(value.get("coding")):
+            if isinstance(coding.get("code"), str):
                 return coding["code"]
     return None
 
@@ -52,9 +53,7 @@ def matching_conditions(
         concept = condition.get("code")
         if not isinstance(concept, Mapping):
             continue
-        for coding in concept.get("coding") or ():
-            if not isinstance(coding, Mapping):
-                continue
+        for coding in objects(concept.get("coding")):
             pair = next(iter(codings_of({"coding": [coding]})), None)
             if pair in codes:
                 display = coding.get("display") or concept.get("text") or coding["code"]

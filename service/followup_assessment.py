@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from service.conditions import ConditionFact, matching_conditions
+from service.fhir_values import field, objects, text
 from service.observations import Reading, parse_fhir_datetime
 from service.order_assessment import hyperviscosity_evidence, read_labs
 from service.orders import medication_concepts
@@ -66,14 +67,22 @@ def _drug_of(
     return None
 
 
+def _bounds(request: Mapping[str, Any], edge: str) -> datetime | None:
+    """The start or end of the first dosage's timing bounds."""
+    for dosage in objects(request.get("dosageInstruction")):
+        when = parse_fhir_datetime(field(dosage, "timing", "repeat", "boundsPeriod", edge))
+        if when is not None:
+            return when
+    return None
+
+
 def _request_start(request: Mapping[str, Any]) -> datetime | None:
-    for dosage in request.get("dosageInstruction") or ():
-        repeat = ((dosage or {}).get("timing") or {}).get("repeat") or {}
-        start = parse_fhir_datetime((repeat.get("boundsPeriod") or {}).get("start"))
-        if start is not None:
-            return start
-        events = ((dosage or {}).get("timing") or {}).get("event") or []
-        if events:
+    start = _bounds(request, "start")
+    if start is not None:
+        return start
+    for dosage in objects(request.get("dosageInstruction")):
+        events = field(dosage, "timing", "event")
+        if isinstance(events, list) and events:
             first = parse_fhir_datetime(events[0])
             if first is not None:
                 return first
@@ -81,13 +90,8 @@ def _request_start(request: Mapping[str, Any]) -> datetime | None:
 
 
 def _request_end(request: Mapping[str, Any]) -> datetime | None:
-    for dosage in request.get("dosageInstruction") or ():
-        repeat = ((dosage or {}).get("timing") or {}).get("repeat") or {}
-        end = parse_fhir_datetime((repeat.get("boundsPeriod") or {}).get("end"))
-        if end is not None:
-            return end
-    validity = (request.get("dispenseRequest") or {}).get("validityPeriod") or {}
-    return parse_fhir_datetime(validity.get("end"))
+    end = _bounds(request, "end")
+    return end or parse_fhir_datetime(field(request, "dispenseRequest", "validityPeriod", "end"))
 
 
 def anti_cd20_doses(record: PatientRecord, terminology: Terminology, now: datetime) -> list[Dose]:
@@ -95,12 +99,11 @@ def anti_cd20_doses(record: PatientRecord, terminology: Terminology, now: dateti
     groups, meds = terminology.anti_cd20, record.medications
     given = []
     for admin in record.medication_administrations:
-        if admin.get("status") not in GIVEN_STATUSES:
+        if text(admin.get("status")) not in GIVEN_STATUSES:
             continue
         drug = _drug_of(admin, groups, meds)
-        period = admin.get("effectivePeriod") or {}
         when = parse_fhir_datetime(admin.get("effectiveDateTime")) or parse_fhir_datetime(
-            period.get("start")
+            field(admin, "effectivePeriod", "start")
         )
         if drug and when is not None and when <= now:
             given.append(Dose(when, drug, f"MedicationAdministration/{admin.get('id')}"))
@@ -108,7 +111,7 @@ def anti_cd20_doses(record: PatientRecord, terminology: Terminology, now: dateti
         return sorted(given, key=lambda d: d.when)
     ordered = []
     for request in record.medication_requests:
-        if request.get("status") not in ORDERED_STATUSES:
+        if text(request.get("status")) not in ORDERED_STATUSES:
             continue
         drug = _drug_of(request, groups, meds)
         when = _request_start(request)
@@ -228,14 +231,14 @@ def _btk_rebound(
     btk = []
     for request in record.medication_requests:
         drug = _drug_of(request, groups, meds)
-        if drug and request.get("status") in ORDERED_STATUSES:
+        if drug and text(request.get("status")) in ORDERED_STATUSES:
             btk.append(
                 (_request_start(request) or datetime.min.replace(tzinfo=now.tzinfo), drug, request)
             )
     if not btk:
         return None
     _, drug, latest_request = max(btk, key=lambda item: item[0])
-    if latest_request.get("status") not in HOLD_STATUSES:
+    if text(latest_request.get("status")) not in HOLD_STATUSES:
         return None  # still on the drug, or resumed after a hold
     held = _request_end(latest_request)
     if held is None or held > now or now - held > timedelta(days=rules.btk_hold_window_days):

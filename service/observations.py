@@ -154,7 +154,10 @@ def classify(
     unusable: list[Unusable] = []
     known = _IGM_FACTORS_LOWER if kind == "igm" else VISCOSITY_UNITS
     for resource in resources:
-        if resource.get("status") not in USABLE_STATUSES or "dataAbsentReason" in resource:
+        status = resource.get("status")
+        if not isinstance(status, str) or status not in USABLE_STATUSES:
+            continue
+        if "dataAbsentReason" in resource:
             continue
         obs_id = str(resource.get("id") or "(no id)")
         when = effective_time(resource)

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from service.fhir_values import field, objects
 from service.terminology import DrugGroup, match_drug
 
 MEDICATION_ORDER_TYPES = frozenset({"MedicationRequest", "MedicationOrder"})
@@ -98,10 +99,10 @@ def _medication_concepts(
 ) -> list[Mapping[str, Any]]:
     concepts: list[Mapping[str, Any]] = []
     if version == "R5":
-        medication = resource.get("medication") or {}
-        if isinstance(medication.get("concept"), Mapping):
-            concepts.append(medication["concept"])
-        reference = medication.get("reference")
+        concept = field(resource, "medication", "concept")
+        if isinstance(concept, Mapping):
+            concepts.append(concept)
+        reference = field(resource, "medication", "reference")
     else:
         if isinstance(resource.get("medicationCodeableConcept"), Mapping):
             concepts.append(resource["medicationCodeableConcept"])
@@ -121,8 +122,8 @@ def _resolve_medication(
     if not isinstance(reference, str):
         return None
     if reference.startswith("#"):
-        for contained in resource.get("contained") or ():
-            if isinstance(contained, Mapping) and contained.get("id") == reference[1:]:
+        for contained in objects(resource.get("contained")):
+            if contained.get("id") == reference[1:]:
                 return contained
         return None
     if reference in medications:

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.fhir_values import objects
+
 Resource = Mapping[str, Any]
 
 
@@ -36,8 +38,8 @@ RECORD_KEYS: dict[str, tuple[str, str]] = {
 
 
 def bundle_resources(bundle: Resource) -> Iterable[Resource]:
-    for entry in bundle.get("entry") or ():
-        if isinstance(entry, Mapping) and isinstance(entry.get("resource"), Mapping):
+    for entry in objects(bundle.get("entry")):
+        if isinstance(entry.get("resource"), Mapping):
             yield entry["resource"]
 
 

@@ -14,6 +14,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from service.fhir_values import objects
 from service.settings import TerminologySettings
 
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
@@ -58,9 +59,7 @@ def codings_of(concept: Mapping[str, Any] | None) -> Iterable[tuple[str, str]]:
     """(system, code) pairs of a CodeableConcept, normalised; malformed codings are skipped."""
     if not isinstance(concept, Mapping):
         return
-    for coding in concept.get("coding") or ():
-        if not isinstance(coding, Mapping):
-            continue
+    for coding in objects(concept.get("coding")):
         system, code = coding.get("system"), coding.get("code")
         if isinstance(system, str) and isinstance(code, str):
             yield normalise_code(system, code)
@@ -86,7 +85,7 @@ def match_drug(
             if (system, code) in group.codes:
                 return group, f"{_system_label(system)} {code}"
     texts = [concept.get("text")]
-    texts += [c.get("display") for c in concept.get("coding") or () if isinstance(c, Mapping)]
+    texts += [c.get("display") for c in objects(concept.get("coding"))]
     for text in texts:
         if not isinstance(text, str) or not text.strip():
             continue

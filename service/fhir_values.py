@@ -1,0 +1,30 @@
+"""Safe reads of FHIR JSON a client sent: a wrong type anywhere means "absent", never a crash.
+
+Prefetch resources are not schema-validated (that would cost more than the whole assessment),
+so every reader goes through these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def field(value: Any, *path: str) -> Any:
+    """value[path[0]][path[1]]...; None as soon as a step is not an object or lacks the key."""
+    for key in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def objects(value: Any) -> list[Mapping[str, Any]]:
+    """The objects in a JSON array (anything else in it, or a non-array, is skipped)."""
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, Mapping)]
