@@ -74,6 +74,10 @@ class FetchOutcome:
         return self.error is None
 
 
+class _ResolveTimeout(Exception):
+    """The fhirServer name did not resolve before the deadline."""
+
+
 class _FetchError(Exception):
     def __init__(self, reason: str, status: int | None = None) -> None:
         super().__init__(reason)
@@ -133,7 +137,7 @@ def _has_dot_segments(path: str) -> bool:
 
 
 class _ForbiddenPeerError(NewConnectionError):
-    """Raised at connect time, so a DNS answer that changed after check_server still cannot
+    """Raised at connect time, so a DNS answer that changed after the server check still cannot
     reach a metadata service."""
 
 
@@ -206,6 +210,9 @@ class FhirFetcher:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.pool_size, thread_name_prefix="fhir-fetch"
         )
+        # getaddrinfo has no timeout of its own; a few threads bound both the wait and the
+        # number of lookups a dead resolver can hold at once.
+        self._resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fhir-dns")
         self._closed = False
         if not self._allowed:
             log.warning(
@@ -217,12 +224,16 @@ class FhirFetcher:
         self._closed = True
         # Workers are bounded by the deadline already; do not wait for them here.
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._resolver.shutdown(wait=False, cancel_futures=True)
         if self._owns_session:
             self._session.close()
 
     def check_server(self, fhir_server: str) -> None:
         """Raise FhirServerRefused unless this service may call `fhir_server`."""
-        self._checked_base(fhir_server)
+        try:
+            self._checked_base(fhir_server, time.monotonic() + self._settings.deadline_seconds)
+        except _ResolveTimeout:
+            raise FhirServerRefused("fhirServer name did not resolve in time") from None
 
     def fetch_all(
         self, fhir_server: str, access_token: str | None, queries: Mapping[str, str]
@@ -234,7 +245,11 @@ class FhirFetcher:
         if self._closed:
             raise RuntimeError("FhirFetcher is closed")
         deadline = time.monotonic() + self._settings.deadline_seconds
-        base = self._checked_base(fhir_server)
+        try:
+            base = self._checked_base(fhir_server, deadline)
+        except _ResolveTimeout:
+            reason = f"{self._deadline_reason()} resolving the FHIR server name"
+            return {key: FetchOutcome(key, query, error=reason) for key, query in queries.items()}
         if access_token and not _BEARER_TOKEN.fullmatch(access_token):
             reason = "access token cannot be sent as a bearer token"
             return {key: FetchOutcome(key, query, error=reason) for key, query in queries.items()}
@@ -258,7 +273,7 @@ class FhirFetcher:
     def _deadline_reason(self) -> str:
         return f"timed out after {self._settings.deadline_seconds:g} s"
 
-    def _checked_base(self, fhir_server: str) -> str:
+    def _checked_base(self, fhir_server: str, deadline: float) -> str:
         if not isinstance(fhir_server, str) or not fhir_server:
             raise FhirServerRefused("fhirServer is missing")
         if any(ch.isspace() or ord(ch) < 32 or ch in "\\\x7f" for ch in fhir_server):
@@ -289,9 +304,18 @@ class FhirFetcher:
         ):
             raise FhirServerRefused("fhirServer is not an allowed FHIR server")
         # Resolved after the allow-list so refused names cost no DNS lookup.
-        if _ip(origin.host) is None and _resolves_to_forbidden(origin.host, origin.port):
+        if _ip(origin.host) is None and self._resolves_in_time(origin.host, origin.port, deadline):
             raise FhirServerRefused("fhirServer resolves to a link-local or cloud metadata address")
         return urlunsplit((origin.scheme, parts.netloc.lower(), path, "", ""))
+
+    def _resolves_in_time(self, host: str, port: int | None, deadline: float) -> bool:
+        """_resolves_to_forbidden, given up on at the deadline (raises _ResolveTimeout)."""
+        lookup = self._resolver.submit(_resolves_to_forbidden, host, port)
+        try:
+            return lookup.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:  # concurrent.futures raises the builtin since 3.11
+            lookup.cancel()
+            raise _ResolveTimeout from None
 
     def _fetch_one(
         self, base: str, token: str | None, key: str, query: str, deadline: float

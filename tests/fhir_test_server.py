@@ -1,9 +1,9 @@
 """A small FHIR R4 server on loopback, for tests and the benchmark.
 
 It answers reads and the handful of searches the service's prefetch templates use, pages with
-`_count`, records every request, and can be told to misbehave (delays, error statuses, non-JSON,
-OperationOutcome answers, next links to another origin) so the client's failure paths are tested
-against real HTTP rather than mocks.
+`_count` (optionally capped), records every request, and can be told to misbehave (delays, error
+statuses, non-JSON, OperationOutcome answers, next links to another origin, ignoring the patient
+filter) so the client's failure paths are tested against real HTTP rather than mocks.
 
 Fault settings are plain attributes, each one value for every resource type, a {type: value}
 mapping, or (for the on/off faults) a set of types: `server.fail_status = {"Observation": 500}`.
@@ -166,6 +166,10 @@ class FhirTestServer:
         self.operation_outcome: bool | Iterable[str] = False
         self.next_link_origin: str | None = None  # e.g. "http://127.0.0.2:8123"
         self.required_token: str | None = None  # when set, other tokens get 401
+        # Real servers cap `_count`; a small cap makes any search page.
+        self.max_page_size: int | None = None
+        # A server that ignores the patient filter hands out every patient's data.
+        self.ignore_patient: bool | Iterable[str] = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -288,9 +292,10 @@ class FhirTestServer:
         return _json(200, found[-1])
 
     def _search(self, resource_type: str, args: MultiDict[str, str]) -> Response:
-        criteria = MultiDict(
-            [(k, v) for k, v in args.items(multi=True) if k not in ("_sort", "_count", "_getpages")]
-        )
+        ignored = {"_sort", "_count", "_getpages"}
+        if _fault(self.ignore_patient, resource_type):
+            ignored |= {"patient", "subject"}
+        criteria = MultiDict([(k, v) for k, v in args.items(multi=True) if k not in ignored])
         with self._lock:
             found = [
                 r
@@ -302,6 +307,8 @@ class FhirTestServer:
             dated = sorted((r for r in found if _date(r)), key=_date, reverse=sort == "-date")
             found = dated + [r for r in found if not _date(r)]  # undated last either way
         count = args.get("_count", type=int)
+        if self.max_page_size is not None:
+            count = min(count or self.max_page_size, self.max_page_size)
         offset = args.get("_getpages", 0, type=int)
         page = found[offset : offset + count] if count else found[offset:]
         base_args = [(k, v) for k, v in args.items(multi=True) if k != "_getpages"]
