@@ -7,6 +7,8 @@ in any field. Hypothesis replaces one field somewhere in a real fixture with jun
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -35,7 +37,13 @@ class _NoStore:
         return None
 
 
-_APP = create_app(Settings(), clock=lambda: FIXTURE_NOW, store=_NoStore())
+# Module-level (hypothesis runs one app for all examples); the patient-hash key goes to a temp dir.
+_DATABASE = Path(tempfile.mkdtemp(prefix="flare-cds-fuzz-")) / "unused.sqlite3"
+_APP = create_app(
+    Settings().replace(storage={"database": str(_DATABASE)}),
+    clock=lambda: FIXTURE_NOW,
+    store=_NoStore(),
+)
 
 
 def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
