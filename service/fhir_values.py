@@ -10,6 +10,22 @@ from collections.abc import Mapping
 from typing import Any
 
 
+class UnreadableData(ValueError):
+    """Client data that cannot be read (HTTP 400); `location` says where, `error` is the code."""
+
+    error = "invalid_request"
+    lead = ""
+
+    def __init__(self, location: str, problem: str) -> None:
+        super().__init__(f"{location}: {problem}")
+        self.location = location
+        self.problem = problem
+
+    @property
+    def message(self) -> str:
+        return f"{self.lead}{self.problem}" if self.lead else f"{self.location}: {self.problem}"
+
+
 def field(value: Any, *path: str) -> Any:
     """value[path[0]][path[1]]...; None as soon as a step is not an object or lacks the key."""
     for key in path:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from service.definitions import ServiceDefinition, fill_template
-from service.fhir_values import objects
+from service.fhir_values import UnreadableData, objects
 from service.record import (
     RECORD_KEYS,
     PatientRecord,
@@ -41,13 +41,10 @@ class DataUnavailable(Exception):
         self.missing = missing
 
 
-class InvalidPrefetch(ValueError):
+class InvalidPrefetch(UnreadableData):
     """A prefetch value the client sent is not what its template asks for (HTTP 400)."""
 
-    def __init__(self, location: str, problem: str) -> None:
-        super().__init__(f"{location}: {problem}")
-        self.location = location
-        self.problem = problem
+    error = "invalid_prefetch"
 
 
 class Fetcher(Protocol):

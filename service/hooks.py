@@ -13,10 +13,11 @@ from typing import Any
 
 from service.definitions import ORDER_SELECT, PATIENT_VIEW, ServiceDefinition
 from service.errors import ApiError
-from service.gathering import DataUnavailable, InvalidPrefetch, gather_record
+from service.fhir_values import UnreadableData
+from service.gathering import DataUnavailable, gather_record
 from service.order_assessment import assess_orders
 from service.order_cards import render_order_card
-from service.orders import DraftOrderError, find_drug_orders
+from service.orders import find_drug_orders
 from service.rendering import RenderedCard
 from service.runtime import Runtime
 
@@ -91,20 +92,9 @@ def run_hook(
                 )
                 if finding is not None:
                     cards.append(render_order_card(finding, patient_id, runtime.builder))
-    except DraftOrderError as exc:
-        raise ApiError(
-            400,
-            "invalid_fhir",
-            f"a draft order cannot be read: {exc.problem}",
-            [{"location": exc.location, "problem": exc.problem}],
-        ) from None
-    except InvalidPrefetch as exc:
-        raise ApiError(
-            400,
-            "invalid_prefetch",
-            f"{exc.location}: {exc.problem}",
-            [{"location": exc.location, "problem": exc.problem}],
-        ) from None
+    except UnreadableData as exc:
+        details = [{"location": exc.location, "problem": exc.problem}]
+        raise ApiError(400, exc.error, exc.message, details) from None
     except DataUnavailable as exc:
         raise ApiError(
             412,

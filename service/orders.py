@@ -14,19 +14,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.fhir_values import field, objects
+from service.fhir_values import UnreadableData, field, objects
 from service.terminology import DrugGroup, match_drug
 
 MEDICATION_ORDER_TYPES = frozenset({"MedicationRequest", "MedicationOrder"})
 
 
-class DraftOrderError(ValueError):
+class DraftOrderError(UnreadableData):
     """A draft order cannot be read; `location` names the entry (context.draftOrders.entry[2])."""
 
-    def __init__(self, location: str, problem: str) -> None:
-        super().__init__(f"{location}: {problem}")
-        self.location = location
-        self.problem = problem
+    error = "invalid_fhir"
+    lead = "a draft order cannot be read: "
 
 
 @dataclass(frozen=True)
