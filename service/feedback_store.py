@@ -45,7 +45,14 @@ class FeedbackStoreError(RuntimeError):
 
 
 class InvalidFeedback(ValueError):
-    """A feedback item lacks the CDS Hooks 2.0 shape; nothing from its request was stored."""
+    """A feedback item lacks the CDS Hooks 2.0 shape; nothing from its request was stored.
+
+    `location` and `problem` let the HTTP layer name the field in an `ErrorDetail`."""
+
+    def __init__(self, location: str, problem: str) -> None:
+        super().__init__(f"{location} {problem}")
+        self.location = location
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -150,10 +157,16 @@ def parse_timestamp(text: str) -> datetime:
     """An ISO 8601 date or date-time as aware UTC; no offset means UTC, as CDS Hooks sends."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("not a date-time")
-    value = datetime.fromisoformat(text.strip())
+    # RFC 3339 allows a lower-case "t" and "z" (the contract's pattern does too); Python 3.11's
+    # fromisoformat does not, and an ISO date or time holds no other letter worth keeping.
+    value = datetime.fromisoformat(text.strip().upper())
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00:00+01:00 is well formed but has no UTC datetime: refuse it, not crash.
+        raise ValueError("outside the years 1-9999 in UTC") from None
 
 
 def _utc_text(value: datetime) -> str:
@@ -175,6 +188,18 @@ def _normalise(item: Mapping[str, Any], index: int) -> dict[str, Any]:
     """Column values for one item. The HTTP layer checks the shape against the contract first;
     this refuses only what would store a wrong row, and never echoes an item (it may hold a
     clinician's comment)."""
+    where = f"feedback[{index}]"
+    try:
+        stamp = item["outcomeTimestamp"]
+    except (KeyError, TypeError):
+        raise InvalidFeedback(where, "has no outcomeTimestamp") from None
+    try:
+        outcome_at = _utc_text(parse_timestamp(stamp))
+    except ValueError:
+        # The contract's pattern lets through impossible values (2025-02-30, hour 25): name them.
+        raise InvalidFeedback(
+            f"{where}.outcomeTimestamp", "is not a valid date-time such as 2025-01-31T08:00:00Z"
+        ) from None
     try:
         reason = item.get("overrideReason") or {}
         coding = reason.get("reason") or {}
@@ -182,8 +207,8 @@ def _normalise(item: Mapping[str, Any], index: int) -> dict[str, Any]:
         row = {
             "card": item["card"],
             "outcome": item["outcome"],
-            "stamp": item["outcomeTimestamp"],
-            "outcome_at": _utc_text(parse_timestamp(item["outcomeTimestamp"])),
+            "stamp": stamp,
+            "outcome_at": outcome_at,
             # Sorted ids and keys: the same feedback re-sent in another order is a duplicate.
             "suggestions": _canonical(sorted(suggestion_ids)),
             "reason": _canonical(reason),
@@ -193,9 +218,9 @@ def _normalise(item: Mapping[str, Any], index: int) -> dict[str, Any]:
             "comment": _optional_text(reason.get("userComment")),
         }
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise InvalidFeedback(f"feedback[{index}] is not a CDS Hooks feedback item") from exc
+        raise InvalidFeedback(where, "is not a CDS Hooks feedback item") from exc
     if not isinstance(row["card"], str) or not row["card"] or row["outcome"] not in OUTCOMES:
-        raise InvalidFeedback(f"feedback[{index}] needs a card uuid and an outcome of {OUTCOMES}")
+        raise InvalidFeedback(where, f"needs a card uuid and an outcome of {OUTCOMES}")
     return row
 
 
@@ -283,11 +308,13 @@ def _transaction(connection: sqlite3.Connection, *, write: bool) -> Iterator[sql
     connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
     try:
         yield connection
+        # Inside the try: a COMMIT that fails (disk full, I/O error) would otherwise leave the
+        # transaction open on this thread's connection, and its every later BEGIN would fail.
+        connection.execute("COMMIT")
     except BaseException:
         if connection.in_transaction:
             connection.rollback()
         raise
-    connection.execute("COMMIT")
 
 
 def _enable_wal(connection: sqlite3.Connection) -> None:

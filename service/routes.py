@@ -116,7 +116,13 @@ def feedback(service_id: str) -> Response:
     try:
         result = rt.store().record_feedback(service_id, body["feedback"], datetime.now(UTC))
     except InvalidFeedback as exc:
-        raise ApiError(400, "invalid_request", f"the feedback cannot be stored: {exc}") from None
+        # Located like a schema problem, so a client fixes the field the same way either way.
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"the feedback cannot be stored: {exc}",
+            [{"location": exc.location, "problem": exc.problem}],
+        ) from None
     answer: dict[str, Any] = {"received": result.received, "duplicates": result.duplicates}
     if result.unknown_cards:
         answer["unknownCards"] = list(result.unknown_cards)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -132,12 +134,16 @@ def as_of_today(body: dict[str, Any]) -> dict[str, Any]:
 class ServeProcess:
     """The real `flare-cds serve` command (gunicorn) on a free loopback port."""
 
-    def __init__(self, config_text: str, workdir: Path, workers: int = 2) -> None:
+    def __init__(
+        self, config_text: str | Callable[[int], str], workdir: Path, workers: int = 2
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
         self.config = workdir / "flare-cds.toml"
-        self.config.write_text(config_text, "utf-8")
+        # A callable receives the port: settings such as auth.public_base_url must name it.
+        text = config_text(self.port) if callable(config_text) else config_text
+        self.config.write_text(text, "utf-8")
         self.log_path = workdir / "serve.log"
         self.workers = workers
         self.process: subprocess.Popen[bytes] | None = None
@@ -169,12 +175,32 @@ class ServeProcess:
             try:
                 if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
+                # The master listens before its workers are ready: a slow first answer is
+                # "not yet", not a failure.
                 time.sleep(0.1)
-        raise RuntimeError("server did not start in 30 s")
+        # No fixture holds a server that never started: stop it here, or it outlives the tests.
+        self.stop()
+        raise RuntimeError(f"server did not start in 30 s: {self.log()}")
+
+    def worker_pids(self) -> list[int]:
+        assert self.process is not None
+        return child_pids(self.process.pid)
 
     def stop(self, sig: int | None = None) -> int:
+        """Stop the server; with SIGKILL, its workers die too (as in a power cut), and are gone
+        when this returns: an orphaned worker would keep serving on the database and the port."""
         assert self.process is not None
+        if sig == signal.SIGKILL and self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)  # frozen, the master cannot fork a new worker
+            workers = self.worker_pids()
+            self.process.kill()
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while any(pid_alive(pid) for pid in workers) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self.process.poll() is None:
             if sig is None:
                 self.process.terminate()
@@ -192,11 +218,33 @@ class ServeProcess:
         return self.log_path.read_text("utf-8", errors="replace")
 
 
+def pid_alive(pid: int) -> bool:
+    """True while the process runs; a zombie (dead, not yet reaped by its new parent) is dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def child_pids(parent: int) -> list[int]:
+    """Live children of a process, from /proc (Linux): gunicorn's workers of its master."""
+    children = []
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_path.read_text().rpartition(")")[2].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while scanning
+        if int(fields[1]) == parent and fields[0] not in ("Z", "X"):
+            children.append(int(stat_path.parent.name))
+    return children
+
+
 @pytest.fixture
 def serve_process(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     started: list[ServeProcess] = []
 
-    def start(config_text: str = "", workers: int = 2) -> ServeProcess:
+    def start(config_text: str | Callable[[int], str] = "", workers: int = 2) -> ServeProcess:
         server = ServeProcess(config_text, tmp_path, workers).start()
         started.append(server)
         return server

@@ -378,3 +378,23 @@ def test_received_at_is_stored_in_utc(store: SqliteFeedbackStore, db_path: Path)
         assert connection.execute("SELECT received_at FROM feedback").fetchone() == (
             "2025-03-01T10:45:00.000000+00:00",
         )
+
+
+def test_a_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) -> None:
+    from service.feedback_store import _transaction
+
+    # A deferred foreign key is checked at COMMIT, and SQLite keeps the transaction open when it
+    # fails there: the same state a disk error at COMMIT leaves behind.
+    with closing(sqlite3.connect(tmp_path / "t.sqlite3", isolation_level=None)) as connection:
+        connection.executescript(
+            """PRAGMA foreign_keys = ON;
+               CREATE TABLE parent (id INTEGER PRIMARY KEY);
+               CREATE TABLE child (
+                   parent INTEGER REFERENCES parent DEFERRABLE INITIALLY DEFERRED);"""
+        )
+        with pytest.raises(sqlite3.IntegrityError), _transaction(connection, write=True):
+            connection.execute("INSERT INTO child VALUES (1)")
+        assert not connection.in_transaction
+        with _transaction(connection, write=True):  # the thread's next request still works
+            connection.execute("INSERT INTO parent VALUES (1)")
+        assert connection.execute("SELECT COUNT(*) FROM child").fetchone() == (0,)
