@@ -32,6 +32,7 @@ from typing import Any
 
 import jwt
 import requests
+from werkzeug.urls import iri_to_uri
 
 from service.replay_cache import ReplayCache
 from service.settings import AuthSettings, IssuerSettings
@@ -81,10 +82,14 @@ def www_authenticate(reason: str) -> str:
 
 
 def audience_for(request_url: str, path: str, public_base_url: str | None) -> str:
-    """The `aud` a client must have used: behind a proxy the request URL is not what it called."""
+    """The `aud` a client must have used: behind a proxy the request URL is not what it called.
+
+    In URI form (non-ASCII percent-encoded, as on the wire): `path` arrives decoded and
+    Werkzeug's request URL is an IRI, so without this the same endpoint had two spellings.
+    """
     if public_base_url:
-        return public_base_url.rstrip("/") + path
-    return request_url.split("#", 1)[0].split("?", 1)[0]
+        return _as_uri(public_base_url.rstrip("/") + path)
+    return _as_uri(request_url.split("#", 1)[0].split("?", 1)[0])
 
 
 @dataclass(frozen=True)
@@ -342,8 +347,17 @@ def _audience_matches(aud: object, audience_url: str) -> bool:
 
 
 def _same_url(a: str, b: str) -> bool:
-    # Exact, except that one trailing slash on either side is forgiven (clients differ on it).
+    # Exact, except that one trailing slash on either side is forgiven (clients differ on it)
+    # and a client may write non-ASCII characters as they are or percent-encoded.
+    a = _as_uri(a)
     return a == b or a == b + "/" or a + "/" == b
+
+
+def _as_uri(url: str) -> str:
+    try:
+        return iri_to_uri(url)
+    except ValueError:  # not a URL it can parse (a bad port...): compared as written
+        return url
 
 
 def _is_number(value: object) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 # Werkzeug's own errors, named the way the contract names them.
@@ -16,6 +18,8 @@ _HTTP_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
+
+log = logging.getLogger("flare_cds.errors")
 
 
 class ApiError(Exception):
@@ -72,6 +76,37 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
-        # The cause goes to the log (with a request id), never to the client.
-        app.logger.exception("unhandled error", exc_info=error)
-        return ApiError(500, "internal_error", "the service failed to handle this request").response()
+        # Where it failed goes to the log (next to the request line with the same request id),
+        # never to the client. Not the exception's text: messages quote whatever they were
+        # given (a patient id in a KeyError, a header in a library's error), and logs must not.
+        log.error(
+            "unhandled %s",
+            _type_name(error),
+            extra={"request_id": g.get("request_id"), "stack": stack_without_messages(error)},
+        )
+        return ApiError(
+            500, "internal_error", "the service failed to handle this request"
+        ).response()
+
+
+def _type_name(error: BaseException) -> str:
+    kind = type(error)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def stack_without_messages(error: BaseException) -> str:
+    """The traceback of `error` and of what caused it, each exception named by its type only."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.format_list(traceback.extract_tb(current.__traceback__))
+        parts.append("".join(frames) + _type_name(current))
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    # Root cause first, the way Python prints a chain.
+    return "\n-- which led to --\n".join(reversed(parts))
