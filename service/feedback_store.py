@@ -366,7 +366,12 @@ class SqliteFeedbackStore(FeedbackStore):
             if not _HASH_PATTERN.fullmatch(card.patient_hash):
                 raise ValueError("IssuedCard.patient_hash must come from patient_hash()")
             rows.append({**asdict(card), "issued_at": _utc_text(card.issued_at)})
-        if rows:
+        if len(rows) == 1:
+            # One statement in autocommit mode: lock, insert, commit and unlock happen in one
+            # SQLite call made without the GIL, so the write lock is never held by a thread that
+            # waits for the GIL, which under load sent every other writer into SQLite's back-off.
+            self._writer().execute(_INSERT_ISSUED, rows[0])
+        elif rows:
             with _transaction(self._writer(), write=True) as connection:
                 connection.executemany(_INSERT_ISSUED, rows)
 

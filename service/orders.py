@@ -178,3 +178,56 @@ def find_drug_orders(
                 "context.selections", f"{', '.join(missing)} not found in context.draftOrders"
             )
     return found
+
+
+# A typical R4 draft order: coded medication, contained Medication, dosage with timing, route
+# and dose. fhir.resources imports and builds each element's model on first use.
+_WARM_UP_ORDER: dict[str, Any] = {
+    "resourceType": "MedicationRequest",
+    "id": "warm-up",
+    "contained": [{"resourceType": "Medication", "id": "m", "code": {"text": "rituximab"}}],
+    "status": "draft",
+    "intent": "order",
+    "medicationCodeableConcept": {
+        "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "121191"}],
+        "text": "rituximab",
+    },
+    "subject": {"reference": "Patient/warm-up"},
+    "authoredOn": "2026-11-20T11:50:00Z",
+    "requester": {"reference": "Practitioner/warm-up", "display": "warm-up"},
+    "dosageInstruction": [
+        {
+            "sequence": 1,
+            "text": "375 mg/m2 IV",
+            "timing": {
+                "repeat": {
+                    "boundsPeriod": {"start": "2026-11-23"},
+                    "count": 6,
+                    "frequency": 1,
+                    "period": 28,
+                    "periodUnit": "d",
+                }
+            },
+            "route": {"coding": [{"system": "http://snomed.info/sct", "code": "47625008"}]},
+            "doseAndRate": [
+                {
+                    "type": {"coding": [{"code": "ordered"}]},
+                    "doseQuantity": {
+                        "value": 375,
+                        "unit": "mg/m2",
+                        "system": "http://unitsofmeasure.org",
+                        "code": "mg/m2",
+                    },
+                }
+            ],
+        }
+    ],
+}
+
+
+def warm_up_models() -> None:
+    """Load the R4 models at start-up: otherwise each worker's first order call pays ~150 ms.
+
+    Only R4, the target version; STU3 and R5 models stay lazy (see _model_for).
+    """
+    _validate(_WARM_UP_ORDER, "R4", "warm-up")

@@ -39,6 +39,10 @@ class Runtime:
         self.clock = clock
         self.contract = Contract()
         self.contract.compile_all()
+        # Like the schemas: built before the first call rather than during it.
+        from service.orders import warm_up_models
+
+        warm_up_models()
         self.terminology: Terminology = build_terminology(settings.terminology)
         self.definitions: dict[str, ServiceDefinition] = build_definitions(self.terminology)
         self.catalog = load_catalog(settings.cards.directory)

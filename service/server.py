@@ -32,9 +32,12 @@ class _FlareCdsServer(BaseApplication):  # type: ignore[misc]
         return create_app(load_settings())
 
 
-def serve(host: str, port: int, workers: int, threads: int, settings: Settings) -> int:
+def gunicorn_options(
+    host: str, port: int, workers: int, threads: int, loglevel: str
+) -> dict[str, Any]:
+    """The gunicorn settings `serve` runs with; the benchmark's baseline app reuses them as-is."""
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    options = {
+    return {
         "bind": bind,
         "workers": workers,
         "worker_class": "gthread",
@@ -44,12 +47,16 @@ def serve(host: str, port: int, workers: int, threads: int, settings: Settings) 
         "keepalive": 5,
         "accesslog": None,  # the app logs each request as JSON, with its request id
         "errorlog": "-",
-        "loglevel": settings.logging.level.lower(),
+        "loglevel": loglevel.lower(),
         "proc_name": "flare-cds",
         "limit_request_line": 8190,
         "limit_request_fields": 100,
         # One shared control socket per user would let two instances collide; not needed here.
         "control_socket_disable": True,
     }
+
+
+def serve(host: str, port: int, workers: int, threads: int, settings: Settings) -> int:
+    options = gunicorn_options(host, port, workers, threads, settings.logging.level)
     _FlareCdsServer(options).run()
     return 0

@@ -1,0 +1,223 @@
+"""What a run found: the machine, the targets from the issue, results.json and results.md.
+
+Targets are data (TARGETS) evaluated against the results dict, so the JSON and the Markdown table
+cannot disagree. A target whose concurrency level was not measured (e.g. `--quick`) is reported as
+"not measured", never as passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+Result = dict[str, Any]
+ORDER_SIGN_FULL = ("order-sign-high", "order-sign-low")
+ALL = ("order-sign-high", "order-sign-low", "patient-view-flare", "order-sign-no-prefetch")
+SATURATED_CONNECTIONS = 8  # 2 workers x 4 threads: from here on both servers are CPU-bound
+
+
+def machine_info(wrk_version: str) -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        mem_kb = next(int(x.split()[1]) for x in meminfo if x.startswith("MemTotal:"))
+    except (OSError, StopIteration, ValueError):
+        mem_kb = 0
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "wrk": wrk_version,
+        "date": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+
+
+def _point(result: Result, connections: int) -> Result | None:
+    return next((p for p in result["points"] if p["connections"] == connections), None)
+
+
+def _p50_at_1(result: Result) -> tuple[float | None, str]:
+    point = _point(result, 1)
+    return (point["service"]["latency_ms"]["p50"], "1 conn") if point else (None, "1 conn")
+
+
+def _p99_at_8(result: Result) -> tuple[float | None, str]:
+    point = _point(result, 8)
+    return (point["service"]["latency_ms"]["p99"], "8 conn") if point else (None, "8 conn")
+
+
+def _ratio_saturated(result: Result) -> tuple[float | None, str]:
+    """The worst throughput ratio where both servers are saturated (>= 8 connections)."""
+    points = [p for p in result["points"] if p["connections"] >= SATURATED_CONNECTIONS]
+    if not points:
+        return None, f">= {SATURATED_CONNECTIONS} conn"
+    worst = min(points, key=lambda p: p["throughput_ratio"])
+    return worst["throughput_ratio"], f"{worst['connections']} conn (worst of >= 8)"
+
+
+def _peak_rss(result: Result) -> tuple[float | None, str]:
+    return result["memory"]["peak_rss_mb"], "max over workers"
+
+
+def _errors(result: Result) -> tuple[float | None, str]:
+    total = sum(
+        p["service"]["errors"]["total"] + p["baseline"]["errors"]["total"] for p in result["points"]
+    )
+    return float(total + result["worker_restarts"]), "all points, service + baseline"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    workloads: tuple[str, ...]
+    measure: Callable[[Result], tuple[float | None, str]]
+    op: str  # "<", "<=" or ">="
+    limit: float
+    unit: str
+    aim: float | None = None  # a stretch goal, reported but not required
+
+    def check(self, value: float) -> bool:
+        if self.op == "<":
+            return value < self.limit
+        if self.op == "<=":
+            return value <= self.limit
+        return value >= self.limit
+
+
+TARGETS = (
+    Target("throughput vs baseline", ORDER_SIGN_FULL, _ratio_saturated, ">=", 0.3, "x", aim=0.5),
+    Target("p50 latency at 1 connection", ORDER_SIGN_FULL, _p50_at_1, "<", 10.0, "ms"),
+    Target("p99 latency at 8 connections", ORDER_SIGN_FULL, _p99_at_8, "<", 50.0, "ms"),
+    # 50 ms of injected FHIR delay plus at most 15 ms of the service's own work.
+    Target("p50 latency at 1 connection", ("order-sign-no-prefetch",), _p50_at_1, "<=", 65.0, "ms"),
+    Target("peak RSS per worker", ALL, _peak_rss, "<", 150.0, "MB"),
+    Target("errors (non-2xx, socket, wrong body, worker restarts)", ALL, _errors, "<=", 0.0, ""),
+)
+
+
+def evaluate_targets(results: list[Result]) -> list[dict[str, Any]]:
+    by_name = {r["name"]: r for r in results}
+    rows = []
+    for target in TARGETS:
+        for name in target.workloads:
+            if name not in by_name:
+                continue
+            value, where = target.measure(by_name[name])
+            row: dict[str, Any] = {
+                "target": target.name,
+                "workload": name,
+                "where": where,
+                "limit": f"{target.op} {target.limit:g}{target.unit}",
+                "value": value,
+                "passed": None if value is None else target.check(value),
+            }
+            if target.aim is not None and value is not None:
+                row["aim"] = f">= {target.aim:g}{target.unit}"
+                row["aim_met"] = value >= target.aim
+            rows.append(row)
+    return rows
+
+
+def write_json(document: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(document, indent=2) + "\n", "utf-8")
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _result_word(passed: bool | None) -> str:
+    return {True: "PASS", False: "**FAIL**", None: "not measured"}[passed]
+
+
+def render_markdown(document: dict[str, Any]) -> str:
+    machine, settings = document["machine"], document["settings"]
+    lines = [
+        "# flare-cds benchmark",
+        "",
+        f"- Date: {machine['date']}",
+        f"- Machine: {machine['cpu_model']}, {machine['cores']} cores, "
+        f"{machine['memory_gb']} GB RAM, {machine['os']}",
+        f"- Python {machine['python']}; load generator: {machine['wrk']}",
+        f"- Servers: gunicorn gthread, {settings['workers']} workers x {settings['threads']} "
+        "threads, same options for `flare-cds serve` and the baseline (bench/baseline_app.py)",
+        f"- Each point: {settings['warmup_s']} s warm-up, then {settings['duration_s']} s "
+        f"measured with `wrk -t{settings['wrk_threads']} -c<conn> --latency`, "
+        f"connections: {settings['connection']}" + (" (quick mode)" if settings["quick"] else ""),
+        f"- No-prefetch workload: loopback FHIR server adding {settings['fhir_delay_ms']:g} ms "
+        f"per query; `[fhir] deadline_seconds = {settings['fhir_deadline_s']:g}`",
+        "",
+        "## Throughput and latency",
+        "",
+        "| Workload | Conn | req/s | Baseline req/s | Ratio | p50 ms | p90 ms | p99 ms "
+        "| Baseline p50 ms | CPU ms/req | Baseline CPU ms/req | Errors | Other load (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in document["workloads"]:
+        for point in result["points"]:
+            service, baseline = point["service"], point["baseline"]
+            latency = service["latency_ms"]
+            errors = service["errors"]["total"] + baseline["errors"]["total"]
+            other = max(service["cpu"]["other_cores"], baseline["cpu"]["other_cores"])
+            lines.append(
+                f"| {result['name']} | {point['connections']} | "
+                f"{_fmt(service['throughput_rps'])} | {_fmt(baseline['throughput_rps'])} | "
+                f"{point['throughput_ratio']:.2f}x | {_fmt(latency['p50'], 2)} | "
+                f"{_fmt(latency['p90'], 2)} | {_fmt(latency['p99'], 2)} | "
+                f"{_fmt(baseline['latency_ms']['p50'], 2)} | "
+                f"{_fmt(service['cpu']['ms_per_request'], 2)} | "
+                f"{_fmt(baseline['cpu']['ms_per_request'], 2)} | {errors} | {other:.2f} |"
+            )
+    lines += [
+        "",
+        "## Per workload",
+        "",
+        "| Workload | Request | Body KB | Card checked | First request ms "
+        "| Peak RSS/worker MB | Worker restarts |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for result in document["workloads"]:
+        record = ", ".join(f"{k} {v}" for k, v in result["record"].items()) or "no prefetch"
+        lines.append(
+            f"| {result['name']} | {result['title']}; {record} | "
+            f"{result['body_bytes'] / 1024:,.0f} | {result['check']['indicator']} "
+            f"{result['check']['finding']} | {_fmt(result['check']['first_request_ms'])} | "
+            f"{_fmt(result['memory']['peak_rss_mb'])} | {result['worker_restarts']} |"
+        )
+    baseline_rss = document.get("baseline", {}).get("peak_rss_mb")
+    lines += [
+        "",
+        f"Baseline app peak RSS per worker: {_fmt(baseline_rss)} MB.",
+        "",
+        "## Targets",
+        "",
+        "| Target | Workload | Measured at | Value | Limit | Result |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for row in document["targets"]:
+        aim = ""
+        if "aim" in row:
+            aim = f" (aim {row['aim']}: {'met' if row['aim_met'] else 'not met'})"
+        # Three decimals for ratios, so 0.298 is not shown as a failing "0.30".
+        value = _fmt(row["value"], 3 if row["limit"].endswith("x") else 2)
+        lines.append(
+            f"| {row['target']} | {row['workload']} | {row['where']} | {value} | "
+            f"{row['limit']} | {_result_word(row['passed'])}{aim} |"
+        )
+    passed = document["passed"]
+    lines += ["", f"**Overall: {'all measured targets pass' if passed else 'a target FAILED'}.**"]
+    if document.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in document["notes"]]
+    return "\n".join(lines) + "\n"

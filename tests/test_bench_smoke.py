@@ -1,0 +1,100 @@
+"""The benchmark (`make bench`) in its quick mode, end to end: real gunicorn servers, real wrk.
+
+It proves the harness still runs and writes what it promises; the numbers themselves are not
+judged here (a busy CI machine may miss a latency target), only their presence and that no
+request failed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bench.loadgen import WrkMissing, find_wrk, parse_result
+from bench.workloads import build_workloads, record_sizes
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_WORKLOADS = ["order-sign-high", "order-sign-no-prefetch"]
+
+
+def test_workloads_are_a_long_record_dated_today() -> None:
+    workloads = {w.name: w for w in build_workloads("http://127.0.0.1:9/fhir")}
+    for name in ("order-sign-high", "order-sign-low", "patient-view-flare"):
+        sizes = record_sizes(workloads[name].body)
+        assert (sizes["igm"], sizes["conditions"], sizes["medicationRequests"]) == (60, 10, 30)
+    igm = workloads["order-sign-high"].body["prefetch"]["igm"]["entry"]
+    newest = max(
+        datetime.fromisoformat(e["resource"]["effectiveDateTime"].replace("Z", "+00:00"))
+        for e in igm
+    )
+    # The fixture's 4500 mg/dL result is 5 days before the fixtures' "now", so 5 days ago.
+    assert timedelta(days=4) < datetime.now(UTC) - newest < timedelta(days=6)
+    no_prefetch = workloads["order-sign-no-prefetch"].body
+    assert "prefetch" not in no_prefetch and no_prefetch["fhirServer"] == "http://127.0.0.1:9/fhir"
+
+
+def test_wrk_result_line_is_parsed() -> None:
+    line = (
+        'BENCH_RESULT {"requests":500,"duration_us":2000000,"bytes":1,'
+        '"latency_us":{"p50":1500,"p90":2500,"p99":9000,"max":12000,"mean":1700.0,'
+        '"stdev":300.0},"errors":{"connect":0,"read":1,"write":0,"status":2,"timeout":0,'
+        '"unexpected_body":3}}'
+    )
+    point = parse_result(f"Running 2s test\n{line}\n", connections=8)
+    assert point.throughput_rps == 250.0
+    assert point.latency_ms["p99"] == 9.0
+    assert point.errors["non_2xx"] == 2 and point.error_total == 6
+
+
+@pytest.mark.server
+def test_quick_bench_writes_results(tmp_path: Path) -> None:
+    try:
+        find_wrk(install=True)
+    except WrkMissing as exc:
+        pytest.skip(f"wrk is not installed and could not be installed: {exc}")
+    out = tmp_path / "results"
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--quick",
+        "--retries",
+        "0",
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    run = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False
+    )
+    # 1 means a target was missed (timing on a shared machine); 2 would be a harness failure.
+    assert run.returncode in (0, 1), run.stdout + run.stderr
+
+    document = json.loads((out / "results.json").read_text("utf-8"))
+    assert {"cpu_model", "cores", "memory_gb", "python", "date"} <= set(document["machine"])
+    assert document["settings"]["quick"] is True
+    assert [w["name"] for w in document["workloads"]] == QUICK_WORKLOADS
+    for workload in document["workloads"]:
+        assert workload["check"]["status"] == 200
+        assert workload["check"]["indicator"] == "warning"
+        assert workload["memory"]["peak_rss_mb"] > 0
+        assert len(workload["memory"]["workers"]) == 2
+        assert workload["worker_restarts"] == 0
+        (point,) = workload["points"]
+        assert point["connections"] == 8 and point["throughput_ratio"] > 0
+        for side in ("service", "baseline"):
+            measured = point[side]
+            assert measured["requests"] > 0 and measured["throughput_rps"] > 0
+            assert 0 < measured["latency_ms"]["p50"] <= measured["latency_ms"]["p99"]
+            assert measured["errors"]["total"] == 0, measured["errors"]
+            assert measured["cpu"]["ms_per_request"] > 0
+    targets = document["targets"]
+    assert {t["workload"] for t in targets} == set(QUICK_WORKLOADS)
+    assert all(t["passed"] in (True, False, None) for t in targets)
+    assert "## Targets" in (out / "results.md").read_text("utf-8")
