@@ -15,6 +15,7 @@ def create_app(settings: Settings | None = None, **runtime_overrides: Any) -> Fl
     """The app factory. `runtime_overrides` (clock, fetcher, store, verifier) serve tests."""
     from service import middleware
     from service.errors import register_error_handlers
+    from service.json_codec import OrjsonProvider
     from service.logging_setup import configure_logging
     from service.routes import bp
     from service.runtime import Runtime
@@ -23,8 +24,7 @@ def create_app(settings: Settings | None = None, **runtime_overrides: Any) -> Fl
     configure_logging(settings.logging.level)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.http.max_body_bytes
-    app.json.sort_keys = False  # keep cards in the order the spec lists their fields
-    app.json.ensure_ascii = False
+    app.json = OrjsonProvider(app)  # cards keep the field order the spec lists
     app.extensions["flare_cds"] = Runtime(settings, **runtime_overrides)
     middleware.install(app)
     register_error_handlers(app)

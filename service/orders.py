@@ -68,10 +68,7 @@ def _model_for(version: str) -> Any:
 
 def _validate(resource: Mapping[str, Any], version: str, location: str) -> None:
     if version == "DSTU2":
-        # No DSTU2 models ship with fhir.resources: check the fields this service reads.
-        if not any(k in resource for k in ("medicationCodeableConcept", "medicationReference")):
-            raise DraftOrderError(location, "DSTU2 MedicationOrder has no medication")
-        return
+        return  # no DSTU2 models ship with fhir.resources; the fields read were checked
     model = _model_for(version)
     try:
         model.model_validate(resource)
@@ -83,6 +80,26 @@ def _validate(resource: Mapping[str, Any], version: str, location: str) -> None:
         raise DraftOrderError(
             location, f"not a valid FHIR {version} MedicationRequest ({problems})"
         ) from None
+
+
+_MEDICATION_FIELDS = {
+    "R5": ("medication",),
+    "R4": ("medicationCodeableConcept", "medicationReference"),
+    "STU3": ("medicationCodeableConcept", "medicationReference"),
+    "DSTU2": ("medicationCodeableConcept", "medicationReference"),
+}
+
+
+def _check_medication_fields(resource: Mapping[str, Any], version: str, location: str) -> None:
+    """The medication of every order must be readable: an unreadable one is a 400, not "none"."""
+    present = [name for name in _MEDICATION_FIELDS[version] if name in resource]
+    if not present:
+        raise DraftOrderError(
+            location, f"FHIR {version} {resource.get('resourceType')} has no medication"
+        )
+    for name in present:
+        if not isinstance(resource[name], Mapping):
+            raise DraftOrderError(location, f"{name} must be an object")
 
 
 def medication_concepts(
@@ -164,10 +181,14 @@ def find_drug_orders(
         if resource_type not in MEDICATION_ORDER_TYPES:
             continue
         version = _version_of(resource)
-        _validate(resource, version, location)
+        _check_medication_fields(resource, version, location)
         for concept in _medication_concepts(resource, version, medications):
             match = match_drug(concept, groups)
             if match is not None:
+                # The order the advice is about is checked whole against its version's model;
+                # other orders only for the fields read, so a flaw in an unrelated order can
+                # neither hide nor block the warning.
+                _validate(resource, version, location)
                 group, how = match
                 found.append(DrugOrder(reference, group.name, how, version))
                 break

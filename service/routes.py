@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from service import json_codec
 from service.errors import ApiError
 from service.hooks import run_hook
 from service.runtime import Runtime
@@ -32,10 +32,10 @@ def read_json_body() -> Any:
         )
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     try:
-        return json.loads(raw)
+        return json_codec.loads(raw)
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "the body is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
+    except json_codec.JSONDecodeError as exc:
         raise ApiError(
             400,
             "invalid_json",

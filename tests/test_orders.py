@@ -164,3 +164,17 @@ def test_site_configured_codes_are_recognised() -> None:
     ).anti_cd20
     [order] = find_drug_orders(bundle(med_request(coded("RTX1", "urn:local:drugs"))), groups)
     assert "site-configured" in order.drug
+
+
+def test_a_flaw_in_an_unrelated_order_does_not_block_the_warning() -> None:
+    unrelated = med_request(coded("134547"), "benda", dosageInstruction={"text": "not a list"})
+    [order] = find_drug_orders(bundle(unrelated, med_request(coded("121191"), "rtx")), GROUPS)
+    assert order.reference == "MedicationRequest/rtx"
+
+
+def test_an_unreadable_medication_is_a_400_not_no_risk() -> None:
+    broken = med_request({"medicationCodeableConcept": "rituximab"})
+    with pytest.raises(DraftOrderError, match="medicationCodeableConcept must be an object"):
+        find_drug_orders(bundle(broken), GROUPS)
+    with pytest.raises(DraftOrderError, match="has no medication"):
+        find_drug_orders(bundle(med_request({})), GROUPS)
