@@ -27,6 +27,7 @@ from bench.servers import (
     service_server,
 )
 from bench.workloads import build_workloads, fhir_server_resources
+from service.server import DEFAULT_THREADS, DEFAULT_WORKERS
 from tests.fhir_test_server import FhirTestServer
 
 QUICK_WORKLOADS = ["order-sign-high", "order-sign-no-prefetch"]
@@ -53,8 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         help="concurrency levels, e.g. 1,8,32",
     )
     parser.add_argument("--workloads", help="comma-separated subset of the workloads")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (both servers)")
-    parser.add_argument("--threads", type=int, default=4, help="threads per worker (both)")
+    parser.add_argument(
+        "--workers", type=int, default=DEFAULT_WORKERS, help="gunicorn workers (both servers)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS, help="threads per worker (both)"
+    )
     parser.add_argument(
         "--wrk-threads",
         type=int,

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from service.server import DEFAULT_THREADS, DEFAULT_WORKERS
 from service.settings import CONFIG_ENV, Settings, SettingsError, load_settings
 
 HOOK_SERVICES = {
@@ -42,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the CDS Hooks API with gunicorn")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=2)
-    serve.add_argument("--threads", type=int, default=4, help="threads per worker")
+    serve.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    serve.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="threads per worker")
     serve.set_defaults(handler=_serve)
 
     evaluate = commands.add_parser(
