@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from gunicorn.app.base import BaseApplication
 
-from service.server import gunicorn_options
+from service.server import GunicornApp, gunicorn_options
 
 
 def create_baseline_app() -> Flask:
@@ -38,19 +36,6 @@ def create_baseline_app() -> Flask:
     return app
 
 
-class _BaselineServer(BaseApplication):  # type: ignore[misc]
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self.options.items():
-            self.cfg.set(key, value)
-
-    def load(self) -> Any:
-        return create_baseline_app()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.baseline_app", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -61,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = gunicorn_options(args.host, args.port, args.workers, args.threads, "info")
     # Only the process title differs, so `ps` tells the two servers apart.
     options["proc_name"] = "flare-cds-baseline"
-    _BaselineServer(options).run()
+    GunicornApp(options, create_baseline_app).run()
     return 0
 
 

@@ -18,10 +18,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bench import ROOT
+from tests.fixture_dates import FIXTURE_NOW, as_of_today
 
 FIXTURES = ROOT / "fhir_fixtures" / "hook_requests"
 # Every fixture is dated against this instant (fhir_fixtures/README.md, tests/conftest.py).
-FIXTURE_NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 ORDER_SIGN = "rituximab-flare-order-sign"
 PATIENT_VIEW = "igm-flare-patient-view"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -225,29 +225,6 @@ def enlarge(
             shuffle.shuffle(value["entry"])
             value["total"] = len(value["entry"])
     return body
-
-
-def shift_dates(value: Any, delta: timedelta) -> Any:
-    """A copy with every FHIR date moved by `delta` (as tests/conftest.py does for live servers)."""
-    if isinstance(value, dict):
-        return {k: shift_dates(v, delta) for k, v in value.items()}
-    if isinstance(value, list):
-        return [shift_dates(v, delta) for v in value]
-    if isinstance(value, str) and len(value) >= 10 and value[4:5] == "-" and value[7:8] == "-":
-        try:
-            if len(value) == 10:
-                return (datetime.fromisoformat(value) + delta).date().isoformat()
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            return (parsed + delta).isoformat().replace("+00:00", "Z")
-        except ValueError:
-            return value
-    return value
-
-
-def as_of_today(body: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
-    """Whole days only, so each result keeps its time of day and its distance from "now"."""
-    days = ((now or datetime.now(UTC)) - FIXTURE_NOW).days
-    return shift_dates(body, timedelta(days=days))
 
 
 def order_sign(high: bool, now: datetime | None = None) -> dict[str, Any]:

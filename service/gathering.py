@@ -131,10 +131,12 @@ def _fetch(
 ) -> dict[str, Mapping[str, Any]]:
     server = body.get("fhirServer")
     if not isinstance(server, str) or not server:
-        raise DataUnavailable([
-            MissingData(k, q, f"{lacking[k]} and no fhirServer to fetch it from")
-            for k, q in queries.items()
-        ])
+        raise DataUnavailable(
+            [
+                MissingData(k, q, f"{lacking[k]} and no fhirServer to fetch it from")
+                for k, q in queries.items()
+            ]
+        )
     # Imported here so that an app serving only full prefetch never builds the HTTP pool.
     from service.fhir_client import FhirServerRefused
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -22,9 +23,12 @@ DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 2
 
 
-class _FlareCdsServer(BaseApplication):  # type: ignore[misc]
-    def __init__(self, options: dict[str, Any]) -> None:
+class GunicornApp(BaseApplication):  # type: ignore[misc]
+    """gunicorn with options given in code; each worker calls `load_app` to build its app."""
+
+    def __init__(self, options: dict[str, Any], load_app: Callable[[], Any]) -> None:
         self.options = options
+        self.load_app = load_app
         super().__init__()
 
     def load_config(self) -> None:
@@ -32,16 +36,20 @@ class _FlareCdsServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from service import create_app
-
-        # Settings are read again in the worker from the same file and environment.
-        app = create_app(load_settings())
+        app = self.load_app()
         # What start-up built (FHIR models, compiled schemas, value sets, card text) lives as
         # long as the worker; left in the collector's care, every full collection scans it all,
         # a 15-20 ms pause in about one request in a hundred.
         gc.collect()
         gc.freeze()
         return app
+
+
+def load_flare_cds() -> Any:
+    from service import create_app
+
+    # Settings are read again in the worker from the same file and environment.
+    return create_app(load_settings())
 
 
 def gunicorn_options(
@@ -70,5 +78,5 @@ def gunicorn_options(
 
 def serve(host: str, port: int, workers: int, threads: int, settings: Settings) -> int:
     options = gunicorn_options(host, port, workers, threads, settings.logging.level)
-    _FlareCdsServer(options).run()
+    GunicornApp(options, load_flare_cds).run()
     return 0

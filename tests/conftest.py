@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,10 @@ from werkzeug.serving import make_server
 from service import create_app
 from service.contract import Contract
 from service.settings import Settings
+from tests.fixture_dates import FIXTURE_NOW, as_of_today, shift_dates
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fhir_fixtures" / "hook_requests"
-# Every fixture is dated against this instant (see fhir_fixtures/README.md).
-FIXTURE_NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 SERVICE_FOR_HOOK = {
     "order-select": "rituximab-flare-order-select",
     "order-sign": "rituximab-flare-order-sign",
@@ -58,6 +56,17 @@ def test_settings(tmp_path: Path, **sections: Any) -> Settings:
 
 
 test_settings.__test__ = False  # a helper, not a test
+
+
+__all__ = ["FIXTURE_NOW", "as_of_today", "shift_dates"]
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    session = requests.Session()
+    session.trust_env = False  # a proxy from the environment must not swallow loopback calls
+    yield session
+    session.close()
 
 
 @pytest.fixture
@@ -107,28 +116,6 @@ class LiveServer:
 def live_server(app: Any) -> Iterator[LiveServer]:
     with LiveServer(app) as server:
         yield server
-
-
-def shift_dates(value: Any, delta: timedelta) -> Any:
-    """A copy of a fixture with every FHIR date moved by `delta` (for servers on the real clock)."""
-    if isinstance(value, dict):
-        return {k: shift_dates(v, delta) for k, v in value.items()}
-    if isinstance(value, list):
-        return [shift_dates(v, delta) for v in value]
-    if isinstance(value, str) and len(value) >= 10 and value[4:5] == "-" and value[7:8] == "-":
-        try:
-            if len(value) == 10:
-                return (datetime.fromisoformat(value) + delta).date().isoformat()
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            return (parsed + delta).isoformat().replace("+00:00", "Z")
-        except ValueError:
-            return value
-    return value
-
-
-def as_of_today(body: dict[str, Any]) -> dict[str, Any]:
-    whole_days = (datetime.now(UTC) - FIXTURE_NOW).days
-    return shift_dates(body, timedelta(days=whole_days))
 
 
 class ServeProcess:

@@ -139,14 +139,6 @@ def jwks_server() -> Iterator[JwksServer]:
         thread.join()
 
 
-@pytest.fixture
-def http() -> Iterator[requests.Session]:
-    session = requests.Session()
-    session.trust_env = False  # a proxy from the environment must not swallow loopback calls
-    yield session
-    session.close()
-
-
 class NoNetwork(requests.Session):
     def request(self, *args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the verifier must not touch the network here")

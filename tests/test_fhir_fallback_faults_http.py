@@ -98,27 +98,44 @@ def assert_412(
     ("name", "fault", "value", "reasons"),
     [
         pytest.param(
-            ORDER, "fail_status", {"Observation": 500},
-            dict.fromkeys(("igm", "viscosity"), "FHIR server answered 500"), id="500",
+            ORDER,
+            "fail_status",
+            {"Observation": 500},
+            dict.fromkeys(("igm", "viscosity"), "FHIR server answered 500"),
+            id="500",
         ),
         pytest.param(
-            VIEW, "fail_status", {"MedicationAdministration": 503},
-            {"medicationAdministrations": "FHIR server answered 503"}, id="503-one-type",
+            VIEW,
+            "fail_status",
+            {"MedicationAdministration": 503},
+            {"medicationAdministrations": "FHIR server answered 503"},
+            id="503-one-type",
         ),
         pytest.param(
-            ORDER, "required_token", "some-other-token",
-            dict.fromkeys(ORDER_KEYS, "FHIR server refused the access token (401)"), id="401",
+            ORDER,
+            "required_token",
+            "some-other-token",
+            dict.fromkeys(ORDER_KEYS, "FHIR server refused the access token (401)"),
+            id="401",
         ),
         pytest.param(
-            ORDER, "fail_status", {"Condition": 403},
-            {"conditions": "FHIR server refused the access token (403)"}, id="403",
+            ORDER,
+            "fail_status",
+            {"Condition": 403},
+            {"conditions": "FHIR server refused the access token (403)"},
+            id="403",
         ),
         pytest.param(
-            ORDER, "malformed", {"Condition"}, {"conditions": "response is not JSON"},
+            ORDER,
+            "malformed",
+            {"Condition"},
+            {"conditions": "response is not JSON"},
             id="malformed-json",
         ),
         pytest.param(
-            VIEW, "operation_outcome", {"MedicationRequest"},
+            VIEW,
+            "operation_outcome",
+            {"MedicationRequest"},
             {"medicationRequests": "response is not a FHIR Bundle (OperationOutcome)"},
             id="search-answered-with-operation-outcome",
         ),
@@ -196,28 +213,38 @@ def _closed_port_url() -> str:
     ("allowed", "server", "reason"),
     [
         pytest.param(
-            ("https://fhir.example.org/fhir",), "{fhir}",
-            "fhirServer refused: fhirServer is not an allowed FHIR server", id="not-allow-listed",
+            ("https://fhir.example.org/fhir",),
+            "{fhir}",
+            "fhirServer refused: fhirServer is not an allowed FHIR server",
+            id="not-allow-listed",
         ),
         pytest.param(
-            (), "http://169.254.169.254/fhir",
+            (),
+            "http://169.254.169.254/fhir",
             "fhirServer refused: fhirServer is a link-local or cloud metadata address",
             id="metadata-no-allow-list",
         ),
         pytest.param(
-            ("http://169.254.169.254/fhir",), "http://169.254.169.254/fhir",
+            ("http://169.254.169.254/fhir",),
+            "http://169.254.169.254/fhir",
             "fhirServer refused: fhirServer is a link-local or cloud metadata address",
             id="metadata-allow-listed",
         ),
         pytest.param(
-            (), "http://[fe80::1]/fhir", "link-local or cloud metadata", id="ipv6-link-local",
+            (),
+            "http://[fe80::1]/fhir",
+            "link-local or cloud metadata",
+            id="ipv6-link-local",
         ),
         pytest.param((), None, "not in prefetch and no fhirServer", id="no-fhir-server"),
         pytest.param((), "closed-port", "could not connect to the FHIR server", id="unreachable"),
     ],
 )
 def test_refused_or_absent_fhir_server_is_412(
-    tmp_path: Path, fhir: FhirTestServer, allowed: tuple[str, ...], server: str | None,
+    tmp_path: Path,
+    fhir: FhirTestServer,
+    allowed: tuple[str, ...],
+    server: str | None,
     reason: str,
 ) -> None:
     app = warm_app(tmp_path, allowed_servers=allowed)
@@ -240,11 +267,16 @@ def test_unusable_prefetch_without_fhir_server_says_why(app: Any) -> None:
         {"relation": "next", "url": "https://ehr.example.org/fhir/Observation?page=2"}
     )
     response = post_hook(app.test_client(), body)
-    assert_412(app, response, body, {
-        "conditions": "not in prefetch and no fhirServer to fetch it from",
-        "igm": "prefetch query failed (OperationOutcome) and no fhirServer",
-        "viscosity": "prefetch holds only one page and no fhirServer",
-    })
+    assert_412(
+        app,
+        response,
+        body,
+        {
+            "conditions": "not in prefetch and no fhirServer to fetch it from",
+            "igm": "prefetch query failed (OperationOutcome) and no fhirServer",
+            "viscosity": "prefetch holds only one page and no fhirServer",
+        },
+    )
 
 
 def test_allow_listed_server_is_used(tmp_path: Path, fhir: FhirTestServer) -> None:
@@ -353,9 +385,7 @@ def test_malformed_prefetch_bundle_is_400_not_a_guess(
     assert fhir.requests == []
 
 
-def test_prefetch_with_another_patients_observation_is_400(
-    app: Any, fhir: FhirTestServer
-) -> None:
+def test_prefetch_with_another_patients_observation_is_400(app: Any, fhir: FhirTestServer) -> None:
     body = fetching(load_fixture(ORDER), fhir.base_url, drop=())
     stray = load_fixture("order-sign/wm-igm-5600-very-high")["prefetch"]["igm"]["entry"][0]
     body["prefetch"]["igm"]["entry"].append(stray)

@@ -36,7 +36,9 @@ from tests.fhir_test_server import FhirTestServer
 TOKEN = "fhir-access-token-9d2e61c4b7"
 # Generous per-request limits so functional tests do not flake on a busy machine.
 RELAXED_FHIR = {
-    "connect_timeout_seconds": 1.0, "read_timeout_seconds": 2.0, "deadline_seconds": 3.0,
+    "connect_timeout_seconds": 1.0,
+    "read_timeout_seconds": 2.0,
+    "deadline_seconds": 3.0,
 }
 # Order scenarios with no anti-CD20 order: the service must not need any patient data.
 NO_ANTI_CD20 = ("order-select/wm-rituximab-not-selected", "order-sign/wm-no-anti-cd20-ordered")
@@ -78,7 +80,10 @@ def loaded_fhir_server(host: str = "127.0.0.1") -> FhirTestServer:
 
 
 def fetching(
-    body: dict[str, Any], fhir_server: str | None, *, drop: tuple[str, ...] | None = None,
+    body: dict[str, Any],
+    fhir_server: str | None,
+    *,
+    drop: tuple[str, ...] | None = None,
     token: str | None = TOKEN,
 ) -> dict[str, Any]:
     """A copy of `body` pointed at `fhir_server`, without the `drop` prefetch keys (all if None)."""

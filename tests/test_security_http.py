@@ -131,14 +131,6 @@ def auth_client(tmp_path: Path) -> Any:
     return app.test_client()
 
 
-@pytest.fixture
-def http() -> Iterator[requests.Session]:
-    session = requests.Session()
-    session.trust_env = False  # a proxy from the environment must not swallow loopback calls
-    yield session
-    session.close()
-
-
 # -- 1. authentication at the HTTP gate ------------------------------------------------------
 
 
