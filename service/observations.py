@@ -8,6 +8,7 @@ guess.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -102,7 +103,8 @@ class Unusable:
 
 
 def _number(value: float) -> str:
-    return f"{value:g}" if abs(value) < 1e6 else f"{value:.0f}"
+    """The number as the laboratory sent it: 4.0 stays "4.0", 4500 stays "4500"."""
+    return str(value) if isinstance(value, int) else repr(value)
 
 
 def _quantity(resource: Mapping[str, Any]) -> tuple[float, str, str, str] | None:
@@ -110,13 +112,13 @@ def _quantity(resource: Mapping[str, Any]) -> tuple[float, str, str, str] | None
     if not isinstance(quantity, Mapping):
         return None
     value = quantity.get("value")
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
     code = quantity.get("code") if quantity.get("system") in (None, UCUM) else None
     unit = quantity.get("unit")
     comparator = quantity.get("comparator") or ""
     return (
-        float(value),
+        value,
         code if isinstance(code, str) else "",
         unit if isinstance(unit, str) else "",
         comparator,

@@ -80,6 +80,9 @@ class CardBuilder:
     ) -> RenderedCard:
         template = self.catalog[finding]
         filled = {**self.common_values(), **values}
+        if isinstance(filled.get("drug"), str) and filled["drug"]:
+            # For sentences that begin with the drug's name.
+            filled["Drug"] = filled["drug"][0].upper() + filled["drug"][1:]
         detail = template.fill(template.detail, filled) + "\n\n" + self._footer(template)
         card: dict[str, Any] = {
             "uuid": self.new_uuid(),

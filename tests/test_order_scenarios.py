@@ -84,10 +84,15 @@ EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = 
     "order-sign/wm-viscosity-4-0-cp": (
         "critical",
         "hyperviscosity",
-        ("4 cP", "3,500"),
+        ("| Serum viscosity | 4.0 cP |", "3,500"),
         ("plasmapheresis", "delete"),
     ),
-    "order-sign/wm-viscosity-3-9-cp": ("info", "igm-below-threshold", ("3.9 cP", "3,500"), ()),
+    "order-sign/wm-viscosity-3-9-cp": (
+        "info",
+        "igm-below-threshold",
+        ("| Serum viscosity | 3.9 cP |", "3,500"),
+        (),
+    ),
     "order-sign/wm-entered-in-error-igm": ("info", "igm-below-threshold", ("2,500",), ()),
     "order-sign/wm-out-of-order-bundle": (
         "info",
