@@ -2,14 +2,13 @@
 
 CDS Hooks 2.0 ("FHIR Resource Access") lets a service run its prefetch queries against
 `fhirServer` with `fhirAuthorization.access_token` as a bearer token. The URL comes from the
-caller, so it is checked like any untrusted URL (no link-local or cloud metadata addresses, an
-optional allow-list), the token only ever goes to the fhirServer's own origin, and the whole
-fetch is bounded by one deadline because the client expects an answer in about 500 ms.
+caller, so it is checked first (`service.fhir_server_policy`), the token only ever goes to the
+fhirServer's own origin, every connection is checked again for the address actually reached, and
+the whole fetch is bounded by one deadline because the client expects an answer in about 500 ms.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import re
@@ -19,8 +18,8 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any, NamedTuple
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -28,6 +27,17 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
+# FhirServerRefused is re-exported: it is part of this module's API (gathering catches it).
+from service.fhir_server_policy import (
+    FhirServerPolicy,
+    FhirServerRefused,
+    forbidden_ip,
+    has_dot_segments,
+    origin_of,
+)
+
+# Bound under this module's name on purpose: tests patch `fhir_client._resolves_to_forbidden`.
+from service.fhir_server_policy import resolves_to_forbidden as _resolves_to_forbidden
 from service.settings import FhirSettings
 
 log = logging.getLogger(__name__)
@@ -36,23 +46,9 @@ FHIR_JSON = "application/fhir+json"
 # A prefetch answer is a few hundred kB at most; this only stops a runaway or hostile server.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
-_METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal"})
-_METADATA_IPS = frozenset(
-    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-)
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
 # RFC 6750 is stricter; visible ASCII is enough to keep the token out of header-injection errors.
 _BEARER_TOKEN = re.compile(r"[\x21-\x7e]+")
-
-
-class FhirServerRefused(Exception):
-    """The fhirServer URL is not one this service will call; `reason` is safe to show a client."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -85,55 +81,8 @@ class _FetchError(Exception):
         self.status = status
 
 
-class _Origin(NamedTuple):
-    scheme: str
-    host: str
-    port: int | None
-
-
-def _origin(url: str) -> _Origin:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").rstrip(".")
-    return _Origin(scheme, host, parts.port or _DEFAULT_PORTS.get(scheme))
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone id
-    except ValueError:
-        return None
-
-
-def _forbidden_ip(address: str) -> bool:
-    """True for link-local and cloud metadata addresses, including IPv4 embedded in IPv6."""
-    ip = _ip(address)
-    if ip is None:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None and _forbidden_ip(str(embedded)):
-            return True
-    return ip.is_link_local or ip in _METADATA_IPS
-
-
 def _peer_forbidden(address: str) -> bool:  # separate so tests can exercise the connect guard
-    return _forbidden_ip(address)
-
-
-def _resolves_to_forbidden(host: str, port: int | None) -> bool:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        # Nothing to connect to; the fetch fails on its own and the connect guard still applies.
-        return False
-    return any(_forbidden_ip(str(info[4][0])) for info in infos)
-
-
-def _has_dot_segments(path: str) -> bool:
-    return any(unquote(segment) in (".", "..") for segment in path.split("/"))
+    return forbidden_ip(address)
 
 
 class _ForbiddenPeerError(NewConnectionError):
@@ -188,13 +137,6 @@ def _new_session(pool_size: int) -> requests.Session:
     return session
 
 
-def _parse_prefix(prefix: str) -> tuple[_Origin, str]:
-    parts = urlsplit(prefix.strip())
-    if parts.scheme.lower() not in _DEFAULT_PORTS or not parts.hostname:
-        raise ValueError(f"fhir.allowed_servers entry {prefix!r} is not an http(s) URL")
-    return _origin(prefix.strip()), parts.path.rstrip("/")
-
-
 class FhirFetcher:
     """Runs prefetch queries concurrently against a client's FHIR server.
 
@@ -204,7 +146,7 @@ class FhirFetcher:
 
     def __init__(self, settings: FhirSettings, *, session: requests.Session | None = None) -> None:
         self._settings = settings
-        self._allowed = tuple(_parse_prefix(p) for p in settings.allowed_servers)
+        self._policy = FhirServerPolicy(settings.allowed_servers)
         self._owns_session = session is None
         self._session = session or _new_session(settings.pool_size)
         self._executor = ThreadPoolExecutor(
@@ -214,7 +156,7 @@ class FhirFetcher:
         # number of lookups a dead resolver can hold at once.
         self._resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fhir-dns")
         self._closed = False
-        if not self._allowed:
+        if not self._policy.restricted:
             log.warning(
                 "fhir.allowed_servers is empty: any fhirServer a client sends will be called "
                 "(link-local and cloud metadata addresses are still refused)"
@@ -274,39 +216,9 @@ class FhirFetcher:
         return f"timed out after {self._settings.deadline_seconds:g} s"
 
     def _checked_base(self, fhir_server: str, deadline: float) -> str:
-        if not isinstance(fhir_server, str) or not fhir_server:
-            raise FhirServerRefused("fhirServer is missing")
-        if any(ch.isspace() or ord(ch) < 32 or ch in "\\\x7f" for ch in fhir_server):
-            raise FhirServerRefused("fhirServer is not a valid URL")
-        try:
-            parts = urlsplit(fhir_server)
-            origin = _origin(fhir_server)
-        except ValueError:
-            raise FhirServerRefused("fhirServer is not a valid URL") from None
-        if origin.scheme not in _DEFAULT_PORTS:
-            raise FhirServerRefused("fhirServer must be an http or https URL")
-        if not origin.host:
-            raise FhirServerRefused("fhirServer has no host")
-        if "@" in parts.netloc:
-            raise FhirServerRefused("fhirServer must not contain user credentials")
-        if parts.query or parts.fragment or fhir_server.endswith(("?", "#")):
-            raise FhirServerRefused("fhirServer must not have a query or fragment")
-        if _has_dot_segments(parts.path):
-            raise FhirServerRefused("fhirServer path must not contain '.' or '..' segments")
-        # Refused whatever the allow-list says: these reach cloud credentials, not FHIR data.
-        if origin.host in _METADATA_HOSTS or _forbidden_ip(origin.host):
-            raise FhirServerRefused("fhirServer is a link-local or cloud metadata address")
-        path = parts.path.rstrip("/")
-        # A prefix must end at a path boundary: /fhir allows /fhir/x but not /fhir2.
-        if self._allowed and not any(
-            allowed == origin and (path == prefix or path.startswith(prefix + "/"))
-            for allowed, prefix in self._allowed
-        ):
-            raise FhirServerRefused("fhirServer is not an allowed FHIR server")
-        # Resolved after the allow-list so refused names cost no DNS lookup.
-        if _ip(origin.host) is None and self._resolves_in_time(origin.host, origin.port, deadline):
-            raise FhirServerRefused("fhirServer resolves to a link-local or cloud metadata address")
-        return urlunsplit((origin.scheme, parts.netloc.lower(), path, "", ""))
+        return self._policy.checked_base(
+            fhir_server, lambda host, port: self._resolves_in_time(host, port, deadline)
+        )
 
     def _resolves_in_time(self, host: str, port: int | None, deadline: float) -> bool:
         """_resolves_to_forbidden, given up on at the deadline (raises _ResolveTimeout)."""
@@ -356,7 +268,7 @@ class FhirFetcher:
                 return _merged(first, entries), status
             next_url = urljoin(url, next_url)
             # The token must never travel to, nor data be taken from, another origin.
-            if _origin(next_url) != _origin(base):
+            if origin_of(next_url) != origin_of(base):
                 raise _FetchError("next link to another origin not followed", status)
             if pages >= self._settings.max_pages:
                 raise _FetchError(f"more than {self._settings.max_pages} pages", status)
@@ -388,7 +300,7 @@ class FhirFetcher:
         if remaining <= 0:
             raise _FetchError(self._deadline_reason())
         headers = {"Accept": FHIR_JSON}
-        if token and _origin(url) == _origin(base):
+        if token and origin_of(url) == origin_of(base):
             headers["Authorization"] = f"Bearer {token}"
         settings = self._settings
         # Capped by what is left of the deadline so no worker outlives the call by much.
@@ -442,7 +354,7 @@ def _classify(query: str) -> tuple[bool, str, str]:
         raise _FetchError("query is not a relative FHIR URL")
     path = parts.path.strip("/")
     segments = path.split("/")
-    if not path or "" in segments or _has_dot_segments(path):
+    if not path or "" in segments or has_dot_segments(path):
         raise _FetchError("query is not a valid FHIR query")
     if not _RESOURCE_TYPE.fullmatch(segments[0]):
         raise _FetchError("query does not start with a FHIR resource type")
