@@ -17,7 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from service.feedback_store import FeedbackStoreError, ReportRow, open_store, parse_timestamp
+from service.feedback_queries import ReportRow
+from service.feedback_store import FeedbackStoreError, open_store, parse_timestamp
 from service.settings import Settings
 
 FORMATS = ("table", "csv", "json")

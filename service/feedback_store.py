@@ -4,55 +4,56 @@ Feedback is the only signal of whether clinicians find a card useful, so an item
 crash from the moment the HTTP 200 goes out: SQLite in WAL mode with synchronous=FULL, one
 transaction per request. Several gunicorn workers and their threads write at once, so uniqueness is
 enforced by the database (a UNIQUE constraint), never by a check-then-insert in Python.
+
+The schema and connection setup are in `feedback_schema`, the report query in `feedback_queries`,
+patient-id hashing in `patient_hash`; callers import all the public names from here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import os
-import re
-import secrets
 import sqlite3
 import threading
-import time
 import weakref
-from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
 
+from service.feedback_errors import FeedbackStoreError, InvalidFeedback
+from service.feedback_queries import TOP_REASONS, UNKNOWN_CARD, ReportRow, read_report
+from service.feedback_schema import BUSY_TIMEOUT_SECONDS, SCHEMA_VERSION, connect, migrate
+from service.feedback_schema import transaction as _transaction
+from service.patient_hash import HASH_PATTERN, KEY_BYTES, load_or_create_hash_key, patient_hash
 from service.settings import StorageSettings
+
+# The store's public names, wherever they now live: callers import them all from here.
+__all__ = [
+    "BUSY_TIMEOUT_SECONDS",
+    "KEY_BYTES",
+    "OUTCOMES",
+    "SCHEMA_VERSION",
+    "TOP_REASONS",
+    "UNKNOWN_CARD",
+    "FeedbackResult",
+    "FeedbackStore",
+    "FeedbackStoreError",
+    "InvalidFeedback",
+    "IssuedCard",
+    "ReportRow",
+    "SqliteFeedbackStore",
+    "load_or_create_hash_key",
+    "open_store",
+    "parse_timestamp",
+    "patient_hash",
+]
 
 log = logging.getLogger(__name__)
 
-BUSY_TIMEOUT_SECONDS = 5.0
-KEY_BYTES = 32
-TOP_REASONS = 3
-UNKNOWN_CARD = "unknown-card"
 OUTCOMES = ("accepted", "overridden")
-_HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
-
-
-class FeedbackStoreError(RuntimeError):
-    """The store cannot be used as asked (closed, read-only, schema newer than this code)."""
-
-
-class InvalidFeedback(ValueError):
-    """A feedback item lacks the CDS Hooks 2.0 shape; nothing from its request was stored.
-
-    `location` and `problem` let the HTTP layer name the field in an `ErrorDetail`."""
-
-    def __init__(self, location: str, problem: str) -> None:
-        super().__init__(f"{location} {problem}")
-        self.location = location
-        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -75,22 +76,6 @@ class FeedbackResult:
     unknown_cards: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class ReportRow:
-    """One finding and rule version. Each card counts once, with its latest outcome; the rate is
-    overridden / (accepted + overridden), None without feedback; reasons are (display or code,
-    cards), most frequent first; suggestions are distinct ids accepted on accepted cards."""
-
-    finding: str
-    rule_version: str
-    cards_issued: int
-    accepted: int
-    overridden: int
-    override_rate: float | None
-    top_override_reasons: list[tuple[str, int]] = field(default_factory=list)
-    suggestions_accepted: int = 0
-
-
 class FeedbackStore(Protocol):
     def record_issued(self, cards: Sequence[IssuedCard]) -> None: ...
 
@@ -101,52 +86,6 @@ class FeedbackStore(Protocol):
     def report(self, since: datetime | None = None) -> list[ReportRow]: ...
 
     def close(self) -> None: ...
-
-
-def patient_hash(key: bytes, patient_id: str) -> str:
-    """Keyed hash of a patient id: lets cards of one patient be linked without storing who it is."""
-    if not key:
-        raise ValueError("the patient hash key is empty")
-    return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-def load_or_create_hash_key(settings: StorageSettings) -> bytes:
-    """The configured key, else a random one kept in `<database>.key` (created once, mode 0600)."""
-    if settings.patient_hash_key:
-        return settings.patient_hash_key.encode("utf-8")
-    path = Path(settings.database + ".key")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        _create_key_file(path)
-    text = path.read_text(encoding="ascii").strip()
-    key = bytes.fromhex(text) if re.fullmatch(r"[0-9a-f]*", text) else b""
-    if len(key) != KEY_BYTES:
-        # A new key would silently unlink every stored hash from its patient: refuse instead.
-        raise FeedbackStoreError(f"{path} is damaged: expected {KEY_BYTES * 2} hex digits")
-    return key
-
-
-def _create_key_file(path: Path) -> None:
-    # Workers starting together each write a whole key to a private file; os.link publishes one
-    # only if none exists yet, so every worker then reads the same, never half-written, key.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-            handle.write(secrets.token_hex(KEY_BYTES) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass
-    finally:
-        temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the link itself must outlive a crash, or the key changes on restart
-    finally:
-        os.close(directory)
 
 
 def open_store(settings: StorageSettings, *, read_only: bool = False) -> SqliteFeedbackStore:
@@ -224,33 +163,6 @@ def _normalise(item: Mapping[str, Any], index: int) -> dict[str, Any]:
     return row
 
 
-# Ordered migrations; PRAGMA user_version records how many have been applied.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE issued_cards (
-            uuid TEXT PRIMARY KEY, service_id TEXT NOT NULL, hook TEXT NOT NULL,
-            hook_instance TEXT NOT NULL, finding TEXT NOT NULL, rule_version TEXT NOT NULL,
-            indicator TEXT NOT NULL, issued_at TEXT NOT NULL, patient_hash TEXT NOT NULL)""",
-        "CREATE INDEX issued_cards_by_time ON issued_cards (issued_at)",
-        "CREATE INDEX issued_cards_by_finding ON issued_cards (finding, rule_version)",
-        # outcome_timestamp as sent; outcome_at normalised to UTC for ordering and for the key.
-        # accepted_suggestions and override_reason are canonical JSON (part of the natural key);
-        # the reason's coding and userComment are copied out for reading.
-        """CREATE TABLE feedback (
-            id INTEGER PRIMARY KEY, service_id TEXT NOT NULL, card_uuid TEXT NOT NULL,
-            outcome TEXT NOT NULL CHECK (outcome IN ('accepted', 'overridden')),
-            outcome_timestamp TEXT NOT NULL, outcome_at TEXT NOT NULL,
-            accepted_suggestions TEXT NOT NULL, override_reason TEXT NOT NULL,
-            reason_system TEXT, reason_code TEXT, reason_display TEXT, user_comment TEXT,
-            unknown_card INTEGER NOT NULL CHECK (unknown_card IN (0, 1)),
-            received_at TEXT NOT NULL,
-            UNIQUE (service_id, card_uuid, outcome, outcome_at,
-                    accepted_suggestions, override_reason))""",
-        "CREATE INDEX feedback_by_received ON feedback (received_at)",
-    ),
-)
-SCHEMA_VERSION = len(_MIGRATIONS)
-
 _INSERT_ISSUED = """
     INSERT INTO issued_cards (uuid, service_id, hook, hook_instance, finding, rule_version,
                               indicator, issued_at, patient_hash)
@@ -266,28 +178,6 @@ _INSERT_FEEDBACK = """
     VALUES (:service_id, :card, :outcome, :stamp, :outcome_at, :suggestions, :reason, :system,
             :code, :display, :comment, :unknown, :received_at)
     ON CONFLICT DO NOTHING"""
-# Each card's outcome counts once: its latest outcomeTimestamp wins (then the latest received).
-# Callers may append a WHERE clause on `f`.
-_LATEST = """
-    SELECT f.service_id, f.card_uuid, f.outcome,
-           COALESCE(f.reason_display, f.reason_code) AS reason,
-           ROW_NUMBER() OVER (PARTITION BY f.service_id, f.card_uuid
-                              ORDER BY f.outcome_at DESC, f.id DESC) AS position
-    FROM feedback AS f"""
-_KNOWN_CARDS = f"""
-    WITH latest AS ({_LATEST})
-    SELECT c.finding, c.rule_version, c.service_id, c.uuid, l.outcome, l.reason
-    FROM issued_cards AS c
-    LEFT JOIN latest AS l
-        ON l.card_uuid = c.uuid AND l.service_id = c.service_id AND l.position = 1
-    WHERE c.issued_at >= ?"""  # noqa: S608 - composed from constants only
-# Joined rather than read from feedback.unknown_card, so a card recorded late is still attributed.
-_UNKNOWN_CARDS = f"""
-    WITH latest AS ({_LATEST} WHERE f.received_at >= ? AND NOT EXISTS (
-        SELECT 1 FROM issued_cards AS c WHERE c.uuid = f.card_uuid AND c.service_id = f.service_id))
-    SELECT NULL, NULL, service_id, card_uuid, outcome, reason FROM latest WHERE position = 1
-"""  # noqa: S608 - composed from constants only
-_ACCEPTED = "SELECT service_id, card_uuid, accepted_suggestions FROM feedback WHERE outcome = ?"
 
 # Connections must not cross fork() (gunicorn may fork after the app opened its store).
 _STORES: weakref.WeakSet[SqliteFeedbackStore] = weakref.WeakSet()
@@ -299,36 +189,6 @@ def _forget_connections_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_connections_after_fork)
-
-
-@contextmanager
-def _transaction(connection: sqlite3.Connection, *, write: bool) -> Iterator[sqlite3.Connection]:
-    # A writer takes the write lock at BEGIN: a deferred transaction that reads, then writes, can
-    # fail with SQLITE_BUSY at once in WAL mode, without waiting out busy_timeout.
-    connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-    try:
-        yield connection
-        # Inside the try: a COMMIT that fails (disk full, I/O error) would otherwise leave the
-        # transaction open on this thread's connection, and its every later BEGIN would fail.
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.rollback()
-        raise
-
-
-def _enable_wal(connection: sqlite3.Connection) -> None:
-    # Switching a new file to WAL needs an exclusive lock that SQLite does not wait for with its
-    # busy handler, so workers creating the database together would fail with "locked": wait here.
-    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
-    while True:
-        try:
-            connection.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
 
 
 class SqliteFeedbackStore(FeedbackStore):
@@ -363,7 +223,7 @@ class SqliteFeedbackStore(FeedbackStore):
     def record_issued(self, cards: Sequence[IssuedCard]) -> None:
         rows = []
         for card in cards:
-            if not _HASH_PATTERN.fullmatch(card.patient_hash):
+            if not HASH_PATTERN.fullmatch(card.patient_hash):
                 raise ValueError("IssuedCard.patient_hash must come from patient_hash()")
             rows.append({**asdict(card), "issued_at": _utc_text(card.issued_at)})
         if len(rows) == 1:
@@ -409,14 +269,7 @@ class SqliteFeedbackStore(FeedbackStore):
         connection = self._connection()
         if not self._schema_version:
             return []  # an empty file opened read-only: nothing was ever recorded
-        with _transaction(connection, write=False):  # one snapshot for all three queries
-            cards = connection.execute(_KNOWN_CARDS, (since_text,)).fetchall()
-            cards += connection.execute(_UNKNOWN_CARDS, (since_text,)).fetchall()
-            accepted = connection.execute(_ACCEPTED, ("accepted",)).fetchall()
-        suggestions: dict[tuple[str, str], set[str]] = {}
-        for service_id, card, ids in accepted:
-            suggestions.setdefault((service_id, card), set()).update(json.loads(ids))
-        return _aggregate(cards, suggestions)
+        return read_report(connection, since_text)
 
     def _writer(self) -> sqlite3.Connection:
         if self.read_only:
@@ -435,75 +288,11 @@ class SqliteFeedbackStore(FeedbackStore):
         return connection
 
     def _connect(self) -> sqlite3.Connection:
-        # check_same_thread=False only so close() can close every thread's connection; each
-        # connection is otherwise used by the one thread that opened it.
-        options: dict[str, Any] = {
-            "timeout": BUSY_TIMEOUT_SECONDS,
-            "isolation_level": None,
-            "check_same_thread": False,
-        }
-        if self.read_only:
-            uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
-            connection = sqlite3.connect(uri, uri=True, **options)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Feedback holds clinicians' free-text comments: a new file is for its owner only.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-            connection = sqlite3.connect(self.path, **options)
-        try:
-            if not self.read_only:
-                _enable_wal(connection)
-            connection.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
+        connection = connect(self.path, read_only=self.read_only)
+        try:  # the first connection checks (and migrates) the schema for all the others
             if self._schema_version is None:
-                self._schema_version = self._migrate(connection)
+                self._schema_version = migrate(connection, self.path, read_only=self.read_only)
         except BaseException:
             connection.close()
             raise
         return connection
-
-    def _migrate(self, connection: sqlite3.Connection) -> int:
-        version: int = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise FeedbackStoreError(
-                f"{self.path} has schema version {version}; this code knows up to {SCHEMA_VERSION}"
-            )
-        if version == SCHEMA_VERSION or (self.read_only and version == 0):
-            return version
-        if self.read_only:
-            raise FeedbackStoreError(f"{self.path} has an old schema: start the service once")
-        with _transaction(connection, write=True):
-            # Read again under the write lock: another worker may have migrated meanwhile.
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            for number in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[number - 1]:
-                    connection.execute(statement)
-                connection.execute(f"PRAGMA user_version = {number:d}")
-                log.info("feedback store %s migrated to schema version %d", self.path, number)
-        return SCHEMA_VERSION
-
-
-def _aggregate(
-    cards: list[tuple[Any, ...]], suggestions: Mapping[tuple[str, str], set[str]]
-) -> list[ReportRow]:
-    """cards: (finding, or NULL when unknown, rule_version, service_id, uuid, outcome, reason)."""
-    issued: Counter[tuple[str, str]] = Counter()
-    outcomes: Counter[tuple[str, str, str]] = Counter()
-    reasons: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
-    suggestion_counts: Counter[tuple[str, str]] = Counter()
-    for finding, rule_version, service_id, card, outcome, reason in cards:
-        key = (UNKNOWN_CARD, "") if finding is None else (finding, rule_version)
-        issued[key] += finding is not None  # adds the key even for unknown cards (+0)
-        outcomes[(*key, outcome)] += 1
-        if outcome == "overridden" and reason:
-            reasons[key][reason] += 1
-        if outcome == "accepted":
-            suggestion_counts[key] += len(suggestions.get((service_id, card), ()))
-    rows = []
-    for key in sorted(issued, key=lambda group: (group[0] == UNKNOWN_CARD, group)):
-        accepted, overridden = outcomes[(*key, "accepted")], outcomes[(*key, "overridden")]
-        rate = overridden / (accepted + overridden) if accepted + overridden else None
-        top = sorted(reasons[key].items(), key=lambda pair: (-pair[1], pair[0]))[:TOP_REASONS]
-        rows.append(
-            ReportRow(*key, issued[key], accepted, overridden, rate, top, suggestion_counts[key])
-        )
-    return rows
