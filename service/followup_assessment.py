@@ -90,8 +90,8 @@ def _request_start(request: Mapping[str, Any]) -> datetime | None:
 
 
 def _request_end(request: Mapping[str, Any]) -> datetime | None:
-    end = _bounds(request, "end")
-    return end or parse_fhir_datetime(field(request, "dispenseRequest", "validityPeriod", "end"))
+    # Only the end of the dosing period; a prescription's validity end is not when it was held.
+    return _bounds(request, "end")
 
 
 def anti_cd20_doses(record: PatientRecord, terminology: Terminology, now: datetime) -> list[Dose]:
@@ -145,7 +145,11 @@ def _split(series: Iterable[Reading], start: datetime) -> tuple[Reading | None, 
 def assess_followup(
     record: PatientRecord, terminology: Terminology, rules: RulesSettings, now: datetime
 ) -> list[FollowupFinding]:
-    labs = read_labs(record, rules, now)
+    labs = read_labs(record, terminology, rules, now)
+    wm = matching_conditions(record.conditions, terminology.wm_conditions, now)
+    paraprotein = any(r.normalised >= rules.igm_high_mg_dl for r in labs.igm_series)
+    if not wm and not paraprotein:
+        return []  # decision 1: e.g. rituximab for rheumatoid arthritis or CLL is not in scope
     hyper_conditions = matching_conditions(
         record.conditions, terminology.hyperviscosity_conditions, now
     )
@@ -167,7 +171,8 @@ def _with_viscosity(
     hyperviscous: bool,
 ) -> FollowupFinding:
     kind, indicator = finding.kind, finding.indicator
-    if hyperviscous and kind in (FLARE, FLARE_NO_BASELINE):
+    if hyperviscous:
+        # Flare or rebound, a rising IgM with hyperviscosity is dangerous whatever its cause.
         kind = FLARE_HYPERVISCOSITY if kind == FLARE else kind
         indicator = "critical"
     return FollowupFinding(
@@ -198,8 +203,16 @@ def _flare(
     baseline, after = _split(series, first.when)
     latest = series[-1]
     window_end = first.when + timedelta(days=rules.flare_window_days)
-    if not after or latest is not after[-1] or latest.effective > window_end:
+    # A card stays while the reading is current: once the window and a look-back period have
+    # passed with no new result, "probable flare" would be stale advice.
+    stale = now > window_end + timedelta(days=rules.igm_lookback_days)
+    if not after or latest is not after[-1] or latest.effective > window_end or stale:
         return None  # nothing measured since the start, or the flare window has passed
+    if (
+        baseline is not None
+        and (first.when.date() - baseline.effective.date()).days > rules.baseline_max_age_days
+    ):
+        baseline = None  # too old to tell a flare from the disease's own course before treatment
     shown = tuple(([baseline] if baseline else []) + after)
     common = dict(
         drug=first.drug,

@@ -6,7 +6,6 @@ from typing import Any
 
 from service.followup_assessment import (
     BTK_REBOUND,
-    FLARE_HYPERVISCOSITY,
     FLARE_NO_BASELINE,
     FollowupFinding,
     assess_followup,
@@ -73,10 +72,14 @@ def hyperviscosity_table(finding: FollowupFinding) -> str:
     return table(("Data", "As reported", "Date", "Record"), rows)
 
 
-def _evidence_short(finding: FollowupFinding) -> str:
-    if finding.viscosity is not None:
-        return f"viscosity {finding.viscosity.reported}"
-    return "hyperviscosity diagnosis"
+def _evidence_short(finding: FollowupFinding, threshold: float) -> str:
+    """What shows hyperviscosity: a viscosity at or above the threshold, else the diagnosis."""
+    visc = finding.viscosity
+    if visc is not None and visc.normalised >= threshold:
+        return f"viscosity {visc.reported}"
+    if finding.hyperviscosity_conditions:
+        return f"diagnosis {finding.hyperviscosity_conditions[0].code}"
+    return "hyperviscosity evidence"
 
 
 def render_followup_card(
@@ -91,23 +94,28 @@ def render_followup_card(
         "weeks": _weeks(finding, finding.latest.effective),
         "start_date": day(finding.start),
         "series_table": series_table(finding),
-        "evidence_short": _evidence_short(finding),
+        "evidence_short": _evidence_short(finding, builder.rules.viscosity_critical_cp),
         "hyperviscosity_table": hyperviscosity_table(finding),
     }
-    if finding.kind == FLARE_NO_BASELINE:
+    if finding.kind in (FLARE_NO_BASELINE, BTK_REBOUND):
         values["hyperviscosity_note"] = (
-            builder.fragment(FLARE_NO_BASELINE, "hyperviscosity_note", values)
+            builder.fragment(finding.kind, "hyperviscosity_note", values)
             if finding.hyperviscosity
             else ""
         )
     suggestions = []
-    if finding.hyperviscosity and finding.kind in (FLARE_HYPERVISCOSITY, FLARE_NO_BASELINE):
+    if finding.hyperviscosity:
         evidence = [f"Observation/{finding.latest.observation_id}"]
-        if finding.viscosity is not None:
-            evidence.append(f"Observation/{finding.viscosity.observation_id}")
+        visc = finding.viscosity
+        if visc is not None and visc.normalised >= builder.rules.viscosity_critical_cp:
+            evidence.append(f"Observation/{visc.observation_id}")
         evidence += [f"Condition/{c.condition_id}" for c in finding.hyperviscosity_conditions]
         request = plasmapheresis_request(
-            patient_id, True, f"Hyperviscosity with rising IgM after {finding.drug}", evidence
+            patient_id,
+            True,
+            f"Hyperviscosity with rising IgM after {finding.drug}",
+            evidence,
+            text="Plasmapheresis for hyperviscosity",
         )
         suggestions.append(
             SuggestionSpec(

@@ -8,10 +8,16 @@ from datetime import datetime
 
 def cell(value: object) -> str:
     """Text safe inside a GitHub-flavoured Markdown table cell (FHIR text is untrusted)."""
-    text = "" if value is None else str(value)
-    text = " ".join(text.split())
-    for char, escaped in (("\\", "\\\\"), ("|", "\\|"), ("<", "&lt;"), (">", "&gt;")):
-        text = text.replace(char, escaped)
+    return "" if value is None else inline(value)
+
+
+def inline(value: object) -> str:
+    """Untrusted text (a diagnosis display, a unit) safe in running Markdown: no links, images,
+    HTML or emphasis can be formed from it."""
+    text = " ".join(str(value).split())
+    # With brackets escaped no link or image can form, so "(" and "!" may stay readable.
+    for char in "\\`*_[]<>|":
+        text = text.replace(char, "\\" + char)
     return text
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from service.terminology import codings_of
+
 USABLE_STATUSES = frozenset({"final", "amended", "corrected"})
 
 # Factor to mg/dL, by UCUM code; unit strings are matched case-insensitively against the same.
@@ -22,8 +24,19 @@ IGM_FACTORS_TO_MG_DL = {"mg/dL": 1.0, "g/L": 100.0, "mg/L": 0.1, "g/dL": 1000.0}
 _IGM_FACTORS_LOWER = {unit.lower(): factor for unit, factor in IGM_FACTORS_TO_MG_DL.items()}
 
 # Serum viscosity is reported in centipoise or relative to water; labs use both with the same
-# reference range (about 1.4-1.8), so both are compared with the cP threshold as reported.
-VISCOSITY_UNITS = {"cp": "cP", "mpa.s": "mPa.s", "1": "relative", "{relative}": "relative"}
+# reference range (about 1.4-1.8), so both are compared with the cP threshold as reported. A
+# relative viscosity is a pure number and often comes with no unit at all.
+VISCOSITY_UNITS = {
+    "cp": "cP",
+    "cps": "cP",
+    "centipoise": "cP",
+    "mpa.s": "mPa.s",
+    "mpa·s": "mPa.s",
+    "mpa*s": "mPa.s",
+    "1": "relative",
+    "{relative}": "relative",
+    "relative": "relative",
+}
 
 UCUM = "http://unitsofmeasure.org"
 
@@ -51,11 +64,12 @@ def parse_fhir_datetime(value: Any) -> datetime | None:
             return datetime(year, month, day, tzinfo=UTC)
         text = value.strip().replace("Z", "+00:00")
         parsed = datetime.fromisoformat(text)
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        # OverflowError: well formed but outside datetime's range once moved to UTC.
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 def effective_time(resource: Mapping[str, Any]) -> datetime | None:
@@ -144,13 +158,16 @@ def _resolve_unit(code: str, unit: str, known: Mapping[str, Any]) -> tuple[Any, 
 
 
 def classify(
-    resources: Iterable[Mapping[str, Any]], kind: str
+    resources: Iterable[Mapping[str, Any]],
+    kind: str,
+    codes: frozenset[tuple[str, str]] | None = None,
 ) -> tuple[list[Reading], list[Unusable]]:
     """Usable readings (oldest first) and unusable ones, for kind "igm" or "viscosity".
 
     Resources that are not results at all (wrong status, entered-in-error, data absent) are
-    dropped silently: they are not data. Results with a value we cannot interpret are kept as
-    Unusable so the card can say so.
+    dropped silently: they are not data. Results with a value we cannot interpret, or whose code
+    is not in `codes` (a server that ignored the code filter, an M-spike), are kept as Unusable
+    so the card can say so.
     """
     readings: list[Reading] = []
     unusable: list[Unusable] = []
@@ -163,6 +180,10 @@ def classify(
             continue
         obs_id = str(resource.get("id") or "(no id)")
         when = effective_time(resource)
+        if codes is not None and not any(p in codes for p in codings_of(resource.get("code"))):
+            what = "serum IgM" if kind == "igm" else "serum viscosity"
+            unusable.append(Unusable(obs_id, when, _code_text(resource), f"not a {what} code"))
+            continue
         quantity = _quantity(resource)
         if quantity is None:
             shown = _describe_value(resource)
@@ -173,6 +194,8 @@ def classify(
         if when is None:
             unusable.append(Unusable(obs_id, None, shown, "no effective date"))
             continue
+        if kind == "viscosity" and not code and not unit.strip():
+            unit = "relative"  # a pure number: viscosity relative to water
         unit_entry, problem = _resolve_unit(code, unit, known)
         if unit_entry is None:
             unusable.append(Unusable(obs_id, when, shown, problem))
@@ -185,6 +208,13 @@ def classify(
     readings.sort(key=lambda r: (r.effective, r.observation_id))
     unusable.sort(key=lambda u: (u.effective or datetime.min.replace(tzinfo=UTC), u.observation_id))
     return readings, unusable
+
+
+def _code_text(resource: Mapping[str, Any]) -> str:
+    pairs = [
+        f"{system.rsplit('/', 1)[-1]} {code}" for system, code in codings_of(resource.get("code"))
+    ]
+    return ", ".join(pairs) or "no code"
 
 
 def _describe_value(resource: Mapping[str, Any]) -> str:

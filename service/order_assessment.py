@@ -37,6 +37,8 @@ class OrderRiskFinding:
     last_known_igm: Reading | None  # latest usable IgM at any time (may be stale)
     unusable_igm: tuple[Unusable, ...]  # results newer than the latest usable one
     viscosity: Reading | None  # latest usable viscosity within its window
+    unusable_viscosity: tuple[Unusable, ...]  # in the window and newer than `viscosity`
+    high_viscosity: bool  # `viscosity` is at or above the critical threshold
     hyperviscosity_conditions: tuple[ConditionFact, ...]
     wm_conditions: tuple[ConditionFact, ...]
     very_high: bool
@@ -50,35 +52,79 @@ class LabPicture:
     last_known_igm: Reading | None
     unusable_igm: tuple[Unusable, ...]
     viscosity: Reading | None
+    unusable_viscosity: tuple[Unusable, ...]
     igm_series: tuple[Reading, ...]
 
 
-def read_labs(record: PatientRecord, rules: RulesSettings, now: datetime) -> LabPicture:
-    igm, unusable = classify(record.igm, "igm")
-    viscosity, _ = classify(record.viscosity, "viscosity")
+def _ambiguous(reading: Reading, threshold: float) -> bool:
+    """A result given as a bound ("> 3000", above the assay range) that cannot be placed on the
+    threshold: the actual value may lie on either side of it."""
+    value, comparator = reading.normalised, reading.comparator
+    if comparator in (">", ">="):
+        return value < threshold
+    if comparator == "<":
+        return value > threshold
+    if comparator == "<=":
+        return value >= threshold
+    return False
+
+
+def _split_usable(
+    readings: list[Reading], unusable: list[Unusable], threshold: float, unit: str, now: datetime
+) -> tuple[list[Reading], list[Unusable]]:
     limit = now + FUTURE_TOLERANCE
-    future = [r for r in igm if r.effective > limit]
-    igm = [r for r in igm if r.effective <= limit]
-    unusable = list(unusable) + [
-        Unusable(r.observation_id, r.effective, r.reported, "dated in the future") for r in future
-    ]
+    usable = []
+    for reading in readings:
+        if reading.effective > limit:
+            reason = "dated in the future"
+        elif _ambiguous(reading, threshold):
+            reason = f"a bound, not a value: cannot tell whether it reaches {threshold:,g} {unit}"
+        else:
+            usable.append(reading)
+            continue
+        unusable.append(
+            Unusable(reading.observation_id, reading.effective, reading.reported, reason)
+        )
+    return usable, unusable
+
+
+def _newer_than(unusable: list[Unusable], newest: datetime | None, since: datetime | None):
+    """Unusable results that matter: those newer than the newest usable one (and in the window)."""
+    return tuple(
+        u
+        for u in unusable
+        if (u.effective is None or newest is None or u.effective > newest)
+        and (since is None or u.effective is None or u.effective >= since)
+    )
+
+
+def read_labs(
+    record: PatientRecord, terminology: Terminology, rules: RulesSettings, now: datetime
+) -> LabPicture:
+    igm, igm_unusable = _split_usable(
+        *classify(record.igm, "igm", terminology.igm), rules.igm_high_mg_dl, "mg/dL", now
+    )
+    visc, visc_unusable = _split_usable(
+        *classify(record.viscosity, "viscosity", terminology.viscosity),
+        rules.viscosity_critical_cp,
+        "cP",
+        now,
+    )
     last_known = igm[-1] if igm else None
     igm_cutoff = now - timedelta(days=rules.igm_lookback_days)
     latest = last_known if last_known and last_known.effective >= igm_cutoff else None
-    # Unusable results matter when nothing usable is newer: they are why a card may say "none".
-    newest_usable = last_known.effective if last_known else None
-    recent_unusable = tuple(
-        u
-        for u in unusable
-        if u.effective is None or newest_usable is None or u.effective > newest_usable
-    )
     visc_cutoff = now - timedelta(days=rules.viscosity_lookback_days)
-    recent_visc = [r for r in viscosity if visc_cutoff <= r.effective <= limit]
+    recent_visc = [r for r in visc if r.effective >= visc_cutoff]
+    viscosity = recent_visc[-1] if recent_visc else None
     return LabPicture(
         latest_igm=latest,
         last_known_igm=last_known,
-        unusable_igm=recent_unusable,
-        viscosity=recent_visc[-1] if recent_visc else None,
+        # Unusable results matter when nothing usable is newer: they are why a card says "none".
+        unusable_igm=_newer_than(igm_unusable, last_known.effective if last_known else None, None),
+        viscosity=viscosity,
+        unusable_viscosity=_newer_than(
+            visc_unusable, viscosity.effective if viscosity else None, visc_cutoff
+        ),
         igm_series=tuple(igm),
     )
 
@@ -92,6 +138,25 @@ def hyperviscosity_evidence(
     return bool(conditions) or high_viscosity
 
 
+def scope_reason(
+    wm: tuple[ConditionFact, ...], labs: LabPicture, rules: RulesSettings
+) -> str | None:
+    """Why the patient is in scope (decision 1), or None when they are not."""
+    if wm:
+        return f"diagnosis {wm[0].display} ({wm[0].code}, Condition/{wm[0].condition_id})"
+    last = labs.last_known_igm
+    if last is not None and last.normalised >= rules.igm_high_mg_dl:
+        return (
+            f"serum IgM {last.normalised:,.0f} mg/dL (Observation/{last.observation_id}), "
+            "an IgM paraprotein level"
+        )
+    if labs.unusable_igm:
+        # The newest IgM could not be read: whether it is a paraprotein level cannot be told,
+        # and "no card" would claim it is not.
+        return "a serum IgM result that could not be used (see the table)"
+    return None
+
+
 def assess_orders(
     record: PatientRecord,
     orders: list[DrugOrder],
@@ -103,18 +168,9 @@ def assess_orders(
     if not orders:
         return None
     wm = matching_conditions(record.conditions, terminology.wm_conditions, now)
-    labs = read_labs(record, rules, now)
-    paraprotein = (
-        labs.last_known_igm is not None and labs.last_known_igm.normalised >= rules.igm_high_mg_dl
-    )
-    if wm:
-        scope = f"diagnosis {wm[0].display} ({wm[0].code}, Condition/{wm[0].condition_id})"
-    elif paraprotein and labs.last_known_igm is not None:
-        scope = (
-            f"serum IgM {labs.last_known_igm.normalised:,.0f} mg/dL "
-            f"(Observation/{labs.last_known_igm.observation_id}), an IgM paraprotein level"
-        )
-    else:
+    labs = read_labs(record, terminology, rules, now)
+    scope = scope_reason(wm, labs, rules)
+    if scope is None:
         return None  # e.g. rituximab for rheumatoid arthritis with a normal IgM
     hyperviscous = matching_conditions(
         record.conditions, terminology.hyperviscosity_conditions, now
@@ -139,6 +195,9 @@ def assess_orders(
         last_known_igm=labs.last_known_igm,
         unusable_igm=labs.unusable_igm,
         viscosity=labs.viscosity,
+        unusable_viscosity=labs.unusable_viscosity,
+        high_viscosity=labs.viscosity is not None
+        and labs.viscosity.normalised >= rules.viscosity_critical_cp,
         hyperviscosity_conditions=hyperviscous,
         wm_conditions=wm,
         very_high=latest is not None and latest.normalised >= rules.igm_very_high_mg_dl,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.markdown import day, mg_dl, table
+from service.markdown import day, inline, mg_dl, table
 from service.order_assessment import (
     HYPERVISCOSITY,
     IGM_HIGH,
@@ -52,6 +52,16 @@ def data_table(finding: OrderRiskFinding, rules: RulesSettings) -> str:
         rows.append(
             (
                 f"Serum IgM, not used: {item.reason}",
+                item.reported,
+                "",
+                day(item.effective),
+                f"Observation/{item.observation_id}",
+            )
+        )
+    for item in finding.unusable_viscosity:
+        rows.append(
+            (
+                f"Serum viscosity, not used: {item.reason}",
                 item.reported,
                 "",
                 day(item.effective),
@@ -121,8 +131,8 @@ def _last_known_note(finding: OrderRiskFinding) -> str:
         notes.append("No usable serum IgM is on record.")
     if finding.unusable_igm:
         notes.append(
-            "Newer results could not be used (see the table): their unit cannot be "
-            "converted to mg/dL with certainty, so they were not guessed at."
+            "Newer results could not be used; the table says why for each. They were not "
+            "guessed at."
         )
     return " ".join(notes)
 
@@ -147,7 +157,7 @@ def render_order_card(
         "drug": drug,
         "igm_mg_dl": mg_dl(igm.normalised) if igm else "unknown",
         "igm_date": day(igm.effective) if igm else "no date",
-        "scope_reason": finding.scope_reason,
+        "scope_reason": inline(finding.scope_reason),
         "data_table": data_table(finding, rules),
     }
     if finding.kind == HYPERVISCOSITY:
@@ -173,7 +183,7 @@ def _suggestions(finding: OrderRiskFinding, patient_id: str, drug: str) -> list[
     evidence = []
     if finding.latest_igm is not None:
         evidence.append(f"Observation/{finding.latest_igm.observation_id}")
-    if finding.viscosity is not None:
+    if finding.viscosity is not None and finding.high_viscosity:
         evidence.append(f"Observation/{finding.viscosity.observation_id}")
     evidence += [f"Condition/{c.condition_id}" for c in finding.hyperviscosity_conditions]
     defer = SuggestionSpec(

@@ -64,6 +64,7 @@ class CardBuilder:
             "flare_rise_percent": f"{rules.flare_rise_percent:g}",
             "flare_window_days": str(rules.flare_window_days),
             "btk_hold_window_days": str(rules.btk_hold_window_days),
+            "baseline_max_age_days": str(rules.baseline_max_age_days),
         }
 
     def fragment(self, finding: str, name: str, values: Mapping[str, Any]) -> str:

@@ -7,6 +7,7 @@ refused at start-up, because a typo in a threshold must never silently fall back
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -41,6 +42,7 @@ class RulesSettings:
     flare_rise_percent: float = 25.0
     flare_window_days: int = 120
     course_gap_days: int = 180
+    baseline_max_age_days: int = 90
     btk_hold_window_days: int = 56
     btk_rebound_rise_percent: float = 25.0
 
@@ -232,6 +234,7 @@ def _check(settings: Settings) -> None:
         "rules.flare_rise_percent": rules.flare_rise_percent,
         "rules.flare_window_days": rules.flare_window_days,
         "rules.course_gap_days": rules.course_gap_days,
+        "rules.baseline_max_age_days": rules.baseline_max_age_days,
         "rules.btk_hold_window_days": rules.btk_hold_window_days,
         "rules.btk_rebound_rise_percent": rules.btk_rebound_rise_percent,
         "fhir.connect_timeout_seconds": settings.fhir.connect_timeout_seconds,
@@ -242,7 +245,7 @@ def _check(settings: Settings) -> None:
         "http.max_body_bytes": settings.http.max_body_bytes,
     }
     for key, value in positive.items():
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise SettingsError(f"{key} must be greater than zero, not {value}")
     if rules.igm_very_high_mg_dl < rules.igm_high_mg_dl:
         raise SettingsError("rules.igm_very_high_mg_dl must not be below rules.igm_high_mg_dl")

@@ -32,7 +32,11 @@ def _service_request(
 
 
 def plasmapheresis_request(
-    patient_id: str, urgent: bool, reason: str, evidence: list[str]
+    patient_id: str,
+    urgent: bool,
+    reason: str,
+    evidence: list[str],
+    text: str = "Plasmapheresis before anti-CD20 antibody",
 ) -> dict[str, Any]:
     return _service_request(
         patient_id,
@@ -44,7 +48,7 @@ def plasmapheresis_request(
             },
             {"system": SNOMED, "code": "127788007", "display": "Apheresis (procedure)"},
         ],
-        "Plasmapheresis before anti-CD20 antibody",
+        text,
         "urgent" if urgent else "routine",
         reason,
         evidence,

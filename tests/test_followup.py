@@ -142,7 +142,16 @@ def _dose(admin_id: str, when: datetime, code: str = "121191") -> dict[str, Any]
     }
 
 
+WM = {
+    "resourceType": "Condition",
+    "id": "wm",
+    "clinicalStatus": {"coding": [{"code": "active"}]},
+    "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C88.0"}]},
+}
+
+
 def _record(doses: list[dict[str, Any]], igm: list[dict[str, Any]], **kw: Any) -> PatientRecord:
+    kw.setdefault("conditions", (WM,))
     return PatientRecord("p1", igm=tuple(igm), medication_administrations=tuple(doses), **kw)
 
 
@@ -240,6 +249,7 @@ def test_btk_rebound_only_after_a_hold(status: str, called: bool) -> None:
     held = NOW - timedelta(days=30)
     record = PatientRecord(
         "p1",
+        conditions=(WM,),
         igm=(_igm("b", held - timedelta(days=5), 1800), _igm("l", NOW - timedelta(days=2), 2600)),
         medication_requests=(_btk(status, held),),
     )
@@ -252,7 +262,70 @@ def test_btk_hold_window_is_8_weeks(days_ago: int, called: bool) -> None:
     held = NOW - timedelta(days=days_ago)
     record = PatientRecord(
         "p1",
+        conditions=(WM,),
         igm=(_igm("b", held - timedelta(days=5), 1800), _igm("l", NOW - timedelta(days=2), 2600)),
         medication_requests=(_btk("on-hold", held),),
     )
     assert bool(assess_followup(record, TERMS, RulesSettings(), NOW)) is called
+
+
+def test_patients_out_of_scope_get_no_follow_up_card() -> None:
+    ra = {
+        **WM,
+        "id": "ra",
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M06.9"}]},
+    }
+    record = _record(
+        [_dose("d1", START)],
+        [_igm("b", START, 100), _igm("l", NOW - timedelta(days=1), 140)],
+        conditions=(ra,),
+    )
+    assert assess_followup(record, TERMS, RulesSettings(), NOW) == []
+
+
+def test_flare_card_does_not_outlive_its_window() -> None:
+    record = _record(
+        [_dose("d1", START)], [_igm("b", START, 3000), _igm("l", START + timedelta(days=30), 4000)]
+    )
+    rules = RulesSettings()
+    assert assess_followup(record, TERMS, rules, START + timedelta(days=150))
+    assert assess_followup(record, TERMS, rules, START + timedelta(days=151)) == []
+
+
+@pytest.mark.parametrize(("days_before", "has_baseline"), [(90, True), (91, False)])
+def test_baseline_older_than_90_days_is_not_used(days_before: int, has_baseline: bool) -> None:
+    record = _record(
+        [_dose("d1", START)],
+        [
+            _igm("b", START - timedelta(days=days_before), 3000),
+            _igm("l", NOW - timedelta(days=1), 4000),
+        ],
+    )
+    [finding] = assess_followup(record, TERMS, RulesSettings(), NOW)
+    assert (finding.baseline is not None) is has_baseline
+
+
+def test_hyperviscosity_makes_a_btk_rebound_critical() -> None:
+    held = NOW - timedelta(days=30)
+    visc = {
+        "resourceType": "Observation",
+        "id": "v",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "3128-6"}]},
+        "effectiveDateTime": (NOW - timedelta(days=2)).date().isoformat(),
+        "valueQuantity": {
+            "value": 6.5,
+            "unit": "cP",
+            "system": "http://unitsofmeasure.org",
+            "code": "cP",
+        },
+    }
+    record = PatientRecord(
+        "p1",
+        conditions=(WM,),
+        igm=(_igm("b", held - timedelta(days=5), 1800), _igm("l", NOW - timedelta(days=2), 2600)),
+        viscosity=(visc,),
+        medication_requests=(_btk("on-hold", held),),
+    )
+    [finding] = assess_followup(record, TERMS, RulesSettings(), NOW)
+    assert finding.kind == BTK_REBOUND and finding.indicator == "critical"

@@ -191,3 +191,76 @@ def test_no_orders_no_finding() -> None:
 def test_window_and_thresholds_are_configurable() -> None:
     rules = RulesSettings(igm_lookback_days=60, igm_high_mg_dl=3000.0)
     assert assess(igm_obs=(igm(3500, 45),), rules=rules).kind == IGM_HIGH
+
+
+# --- review fixes: nothing silently dropped, nothing misread ----------------------------------
+
+
+def test_an_observation_with_another_code_is_not_read_as_igm() -> None:
+    haemoglobin = observation("hb", "718-7", 10.9, "g/dL", NOW - timedelta(days=1))
+    finding = assess(igm_obs=(haemoglobin, igm(2000, 5)))
+    assert finding.latest_igm.normalised == 2000
+    assert [u.reason for u in finding.unusable_igm] == ["not a serum IgM code"]
+
+
+def test_local_igm_code_is_read_when_configured() -> None:
+    terms = build_terminology(TerminologySettings(igm_codes=("http://lab.example|IGM",)))
+    local = observation("local", "IGM", 4200, "mg/dL", NOW - timedelta(days=1))
+    local["code"]["coding"][0]["system"] = "http://lab.example"
+    record = PatientRecord("p1", conditions=(WM,), igm=(local,))
+    assert assess_orders(record, ORDER, terms, RULES, NOW).kind == IGM_HIGH
+
+
+@pytest.mark.parametrize("unit", [None, "centipoise", "cps", "CP"])
+def test_viscosity_without_unit_or_with_a_cp_spelling_is_read(unit: str | None) -> None:
+    visc = viscosity(6.0, 1)
+    if unit is None:
+        del visc["valueQuantity"]["unit"], visc["valueQuantity"]["code"]
+    else:
+        visc["valueQuantity"] = {"value": 6.0, "unit": unit}
+    assert assess(igm_obs=(igm(4500, 1),), visc_obs=(visc,)).kind == HYPERVISCOSITY
+
+
+def test_unreadable_viscosity_is_shown_not_dropped() -> None:
+    visc = viscosity(6.0, 1)
+    visc["valueQuantity"] = {
+        "value": 6.0,
+        "unit": "Pa",
+        "system": "http://unitsofmeasure.org",
+        "code": "Pa",
+    }
+    finding = assess(igm_obs=(igm(4500, 1),), visc_obs=(visc,))
+    assert finding.kind == IGM_HIGH
+    assert [u.reported for u in finding.unusable_viscosity] == ["6.0 Pa"]
+
+
+@pytest.mark.parametrize(
+    ("comparator", "value", "kind"),
+    [
+        (">", 3999, IGM_MISSING),
+        (">", 4500, IGM_HIGH),
+        ("<", 50, IGM_BELOW_THRESHOLD),
+        ("<", 6000, IGM_MISSING),
+        (">=", 4000, IGM_HIGH),
+    ],
+)
+def test_bounds_are_used_only_when_they_decide(comparator: str, value: float, kind: str) -> None:
+    result = igm(value, 1)
+    result["valueQuantity"]["comparator"] = comparator
+    finding = assess(igm_obs=(result,))
+    assert finding.kind == kind
+    if kind == IGM_MISSING:
+        assert "a bound, not a value" in finding.unusable_igm[0].reason
+
+
+def test_unreadable_igm_without_diagnosis_is_not_silently_out_of_scope() -> None:
+    finding = assess(conditions=(), igm_obs=(igm(65, 2, unit="gm/L"),))
+    assert finding is not None and finding.kind == IGM_MISSING
+    assert "could not be used" in finding.scope_reason
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+def test_dates_outside_the_utc_range_are_not_dates(text: str) -> None:
+    from service.observations import parse_fhir_datetime
+
+    assert parse_fhir_datetime(text) is None

@@ -6,6 +6,7 @@ show (so it can be checked), and which suggestions it offers.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -279,3 +280,17 @@ def test_thresholds_come_from_configuration(tmp_path: Any) -> None:
     card = post_hook(client, load_fixture("order-sign/wm-igm-3999")).get_json()["cards"][0]
     assert card["indicator"] == "warning"
     assert "at or above 3,000 mg/dL" in card["detail"]
+
+
+def test_untrusted_text_cannot_form_links_in_the_card(client: Any) -> None:
+    import copy
+
+    body = copy.deepcopy(load_fixture("order-sign/wm-no-igm"))
+    for entry in body["prefetch"]["conditions"]["entry"]:
+        for coding in entry["resource"]["code"].get("coding", []):
+            coding["display"] = "![x](https://evil.example/p.png) <img src=x>"
+    card = post_hook(client, body).get_json()["cards"][0]
+    # Escaped markup renders as text; only an unescaped "[", "]" or "<" could form a link or tag.
+    assert re.search(r"(?<!\\)\[x(?<!\\)\]\(", card["detail"]) is None
+    assert re.search(r"(?<!\\)<img", card["detail"]) is None
+    assert "\\[x\\]" in card["detail"]  # the text itself is still shown

@@ -108,3 +108,9 @@ def test_missing_file_is_refused(tmp_path: Path) -> None:
 def test_replace_keeps_other_values() -> None:
     settings = Settings().replace(rules={"igm_high_mg_dl": 3000.0})
     assert settings.rules.igm_high_mg_dl == 3000.0 and settings.rules.igm_lookback_days == 30
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_thresholds_are_refused(value: str) -> None:
+    with pytest.raises(SettingsError, match="greater than zero"):
+        load_settings(environ={"FLARE_CDS_RULES_IGM_HIGH_MG_DL": value})
