@@ -2,12 +2,14 @@
 
 Orders arrive in several shapes: R4 MedicationRequest (the target), STU3 MedicationRequest and
 DSTU2 MedicationOrder (the public sandbox's defaults), and R5's `medication` CodeableReference.
-Each medication order is checked against its version's FHIR model before it is read, so a broken
-entry is reported by position rather than half-read.
+The order a warning is about is checked against its version's FHIR model, so a broken entry is
+reported by position rather than half-read; an order that looks R4 but is valid only as STU3 (the
+sandbox omits STU3's marker fields) is read as STU3.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,20 +68,67 @@ def _model_for(version: str) -> Any:
     return MedicationRequest
 
 
-def _validate(resource: Mapping[str, Any], version: str, location: str) -> None:
-    if version == "DSTU2":
-        return  # no DSTU2 models ship with fhir.resources; the fields read were checked
+def _problems(resource: Mapping[str, Any], version: str) -> str | None:
+    """Why `resource` is not a valid FHIR `version` MedicationRequest, or None when it is."""
     model = _model_for(version)
     try:
         model.model_validate(resource)
     except ValidationError as exc:
-        problems = "; ".join(
+        return "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(resource)'}: {err['msg']}"
             for err in exc.errors()[:3]
         )
-        raise DraftOrderError(
-            location, f"not a valid FHIR {version} MedicationRequest ({problems})"
-        ) from None
+    except (KeyError, TypeError, ValueError):
+        # fhir.resources looks up the model of each contained resource by its resourceType and
+        # fails outside pydantic when the type is unknown (KeyError) or not a string (TypeError).
+        return _contained_type_problem(resource.get("contained"), version)
+    return None
+
+
+def _contained_type_problem(contained: Any, version: str) -> str:
+    if isinstance(contained, Sequence) and not isinstance(contained, str):
+        for index, item in enumerate(contained):
+            if not isinstance(item, Mapping) or "resourceType" not in item:
+                continue
+            kind = item["resourceType"]
+            if not isinstance(kind, str):
+                return f"contained.{index}.resourceType: must be a string"
+            if _model_class(kind, version) is None:
+                return (
+                    f"contained.{index}.resourceType: {kind[:60]!r} is not a FHIR {version} "
+                    "resource"
+                )
+    return "contained: a resource has an unknown or non-string resourceType"
+
+
+def _model_class(resource_type: str, version: str) -> Any:
+    """The fhir.resources model for a resource type in `version`, or None if there is none."""
+    package = {"R4": "fhir.resources.R4B", "STU3": "fhir.resources.STU3"}.get(
+        version, "fhir.resources"
+    )
+    try:
+        return importlib.import_module(package).get_fhir_model_class(resource_type)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _validate(resource: Mapping[str, Any], version: str, location: str) -> str:
+    """The FHIR version `resource` is valid in (`version`, or STU3 for an unmarked STU3 order).
+
+    STU3 orders need not carry an STU3-only field (the public sandbox's drafts have no
+    `context`, `definition` or `requester.agent`), so an order read as R4 that R4 refuses but
+    STU3 accepts (e.g. `dosageInstruction[].doseQuantity`) is STU3. Raises DraftOrderError with
+    the problems found against `version` when neither accepts it.
+    """
+    if version == "DSTU2":
+        return version  # no DSTU2 models ship with fhir.resources; the fields read were checked
+    problems = _problems(resource, version)
+    if problems is None:
+        return version
+    if version == "R4" and resource.get("resourceType") == "MedicationRequest":
+        if _problems(resource, "STU3") is None:
+            return "STU3"
+    raise DraftOrderError(location, f"not a valid FHIR {version} MedicationRequest ({problems})")
 
 
 _MEDICATION_FIELDS = {
@@ -188,7 +237,7 @@ def find_drug_orders(
                 # The order the advice is about is checked whole against its version's model;
                 # other orders only for the fields read, so a flaw in an unrelated order can
                 # neither hide nor block the warning.
-                _validate(resource, version, location)
+                version = _validate(resource, version, location)
                 group, how = match
                 found.append(DrugOrder(reference, group.name, how, version))
                 break

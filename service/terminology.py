@@ -31,11 +31,16 @@ def normalise_code(system: str, code: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class DrugGroup:
-    """One drug (with its brands and products), recognised by code or by name in free text."""
+    """One drug (with its brands and products), recognised by code or by name in free text.
+
+    `unverified` holds the (system, code) pairs of `codes` that no public terminology source
+    confirmed (`verified: false` in valuesets.json): a match on one says so on the card.
+    """
 
     name: str
     codes: frozenset[tuple[str, str]]
     name_pattern: re.Pattern[str]
+    unverified: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -75,15 +80,21 @@ def match_drug(
     """The drug group a CodeableConcept names, and how it was recognised (for the card).
 
     Codes win over names; names are looked for only when no coding matches, in `text` and in
-    each coding's `display`, as whole words so that e.g. "rituximab-abbs" is told apart.
+    each coding's `display`, as whole words so that e.g. "rituximab-abbs" is told apart. Within
+    a group a verified code is named before an unverified one, which is marked as such.
     """
     if not isinstance(concept, Mapping):
         return None
     pairs = list(codings_of(concept))
     for group in groups:
-        for system, code in pairs:
-            if (system, code) in group.codes:
-                return group, f"{_system_label(system)} {code}"
+        matched = [pair for pair in pairs if pair in group.codes]
+        if matched:
+            verified = [pair for pair in matched if pair not in group.unverified]
+            system, code = (verified or matched)[0]
+            how = f"{_system_label(system)} {code}"
+            if not verified:
+                how += " (code not verified)"
+            return group, how
     texts = [concept.get("text")]
     texts += [c.get("display") for c in objects(concept.get("coding"))]
     for text in texts:
@@ -118,6 +129,10 @@ def _code_set(
     return frozenset(pairs)
 
 
+# An FDA biosimilar's nonproprietary name is the core name and a suffix of four lowercase letters.
+_BIOSIMILAR_SUFFIX = r"-[a-z]{4}"
+
+
 def _drug_groups(
     entries: Iterable[Mapping[str, Any]], extra: Iterable[str], extra_name: str
 ) -> tuple[DrugGroup, ...]:
@@ -125,10 +140,13 @@ def _drug_groups(
     for entry in entries:
         # Longest names first so "rituximab-abbs" is preferred over its prefix "rituximab".
         names = sorted(entry["names"], key=len, reverse=True)
-        pattern = re.compile(
-            r"(?<![\w-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w-])", re.IGNORECASE
-        )
-        groups.append(DrugGroup(entry["name"], _code_set(entry["codes"], ()), pattern))
+        alternatives = [re.escape(n) for n in names]
+        # "rituximab-xyzz", a biosimilar not listed as a group of its own, is still rituximab;
+        # listed biosimilars are matched first (see the sort below) so the card names them.
+        alternatives += [re.escape(n) + _BIOSIMILAR_SUFFIX for n in entry.get("suffixed_names", ())]
+        pattern = re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
+        unverified = _code_set((e for e in entry["codes"] if not e.get("verified", False)), ())
+        groups.append(DrugGroup(entry["name"], _code_set(entry["codes"], ()), pattern, unverified))
     # Biosimilars and brands are checked before plain "rituximab" so the card names the product.
     groups.sort(key=lambda g: g.name == "rituximab")
     extra_codes = _code_set((), extra)

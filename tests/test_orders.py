@@ -8,9 +8,10 @@ import pytest
 
 from service.orders import DraftOrderError, find_drug_orders
 from service.settings import TerminologySettings
-from service.terminology import build_terminology
+from service.terminology import _shipped, build_terminology
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+UCUM = "http://unitsofmeasure.org"
 GROUPS = build_terminology(TerminologySettings()).anti_cd20
 
 
@@ -63,7 +64,68 @@ def test_atc_code() -> None:
     [order] = find_drug_orders(
         bundle(med_request(coded("L01FA01", "http://www.whocc.no/atc"))), GROUPS
     )
-    assert order.drug == "rituximab" and order.matched_by == "ATC L01FA01"
+    # CLINICAL.md lists the ATC codes without marking them verified.
+    assert order.drug == "rituximab" and order.matched_by == "ATC L01FA01 (code not verified)"
+
+
+@pytest.mark.parametrize(
+    ("code", "system", "label"),
+    [
+        ("712566", RXNORM, "RxNorm 712566 (code not verified)"),
+        ("L01FA02", "http://www.whocc.no/atc", "ATC L01FA02 (code not verified)"),
+        ("121191", RXNORM, "RxNorm 121191"),
+        ("2472325", RXNORM, "RxNorm 2472325"),
+    ],
+)
+def test_matched_by_says_when_the_code_is_not_verified(code: str, system: str, label: str) -> None:
+    [order] = find_drug_orders(bundle(med_request(coded(code, system))), GROUPS)
+    assert order.matched_by == label
+
+
+def test_a_verified_code_is_named_before_an_unverified_one_of_the_same_drug() -> None:
+    concept = {
+        "coding": [
+            {"system": "http://www.whocc.no/atc", "code": "L01FA01"},
+            {"system": RXNORM, "code": "121191"},
+        ]
+    }
+    [order] = find_drug_orders(bundle(med_request({"medicationCodeableConcept": concept})), GROUPS)
+    assert order.matched_by == "RxNorm 121191"
+
+
+def test_unverified_codes_come_from_the_value_set_flags() -> None:
+    terminology = build_terminology(TerminologySettings())
+    groups = {g.name: g for g in terminology.anti_cd20 + terminology.btk_inhibitors}
+    assert groups["ofatumumab"].unverified == {
+        (RXNORM, "712566"),
+        ("http://www.whocc.no/atc", "L01FA02"),
+    }
+    assert groups["acalabrutinib"].unverified == {(RXNORM, "1986808")}
+    assert groups["rituximab-abbs (Truxima)"].unverified == frozenset()
+    with pytest.raises(AttributeError):
+        groups["rituximab"].unverified = frozenset()  # type: ignore[misc]
+
+
+def test_value_set_verified_flags_follow_the_clinical_brief() -> None:
+    data = _shipped()
+    verified = {
+        (e["system"], e["code"])
+        for key in ("igm", "viscosity", "wm_conditions", "hyperviscosity_conditions")
+        for e in data[key]
+        if e["verified"]
+    }
+    assert verified == {
+        ("http://loinc.org", "2472-9"),
+        ("http://hl7.org/fhir/sid/icd-10-cm", "C88.0"),
+    }
+    drug_codes = [
+        c for key in ("anti_cd20", "btk_inhibitors") for g in data[key] for c in g["codes"]
+    ]
+    assert not any(c["verified"] for c in drug_codes if c["system"] == "http://www.whocc.no/atc")
+    unverified_rxnorm = {
+        c["code"] for c in drug_codes if c["system"] == RXNORM and not c["verified"]
+    }
+    assert unverified_rxnorm == {"712566", "1986808"}
 
 
 @pytest.mark.parametrize(
@@ -73,6 +135,15 @@ def test_atc_code() -> None:
         ("RITUXIMAB-ABBS infusion", "rituximab-abbs (Truxima)"),
         ("Truxima 500 mg", "rituximab-abbs (Truxima)"),
         ("Gazyva 1000 mg", "obinutuzumab"),
+        ("rituximab-hyaluronidase 1400 mg SC", "rituximab/hyaluronidase SC (Rituxan Hycela)"),
+        (
+            "Rituximab and Hyaluronidase Human 1400 mg",
+            "rituximab/hyaluronidase SC (Rituxan Hycela)",
+        ),
+        ("rituximab-xyzz 500 mg", "rituximab"),
+        ("RITUXIMAB-XYZZ", "rituximab"),
+        ("rituximab-pvvr 500 mg", "rituximab-pvvr (Ruxience)"),
+        ("rituximab-arrx", "rituximab-arrx (Riabni)"),
     ],
 )
 def test_names_in_text(text: str, drug: str) -> None:
@@ -83,7 +154,16 @@ def test_names_in_text(text: str, drug: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["Bendamustine 90 mg/m2", "rituximabfoo", "anti-rituximab antibody test"]
+    "text",
+    [
+        "Bendamustine 90 mg/m2",
+        "rituximabfoo",
+        "anti-rituximab antibody test",
+        "anti-rituximab-xyzz antibody",
+        "rituximab-xyz",
+        "rituximab-xyzzy",
+        "rituximab-xy1z",
+    ],
 )
 def test_other_drugs_and_partial_words_do_not_match(text: str) -> None:
     orders = find_drug_orders(
@@ -139,6 +219,34 @@ def test_stu3_and_dstu2_shapes() -> None:
     assert order.fhir_version == "DSTU2" and order.reference == "MedicationOrder/mo1"
 
 
+def test_an_unmarked_stu3_order_is_read_as_stu3() -> None:
+    # The public sandbox's STU3 drafts carry no context, definition or requester.agent; R4 has
+    # no dosageInstruction[].doseQuantity (it moved into doseAndRate), STU3 has.
+    stu3 = med_request(
+        coded("121191"),
+        dosageInstruction=[
+            {
+                "text": "375 mg/m2 IV",
+                "doseQuantity": {"value": 375, "unit": "mg/m2", "system": UCUM, "code": "mg/m2"},
+            }
+        ],
+    )
+    [order] = find_drug_orders(bundle(stu3), GROUPS)
+    assert order.fhir_version == "STU3" and order.drug == "rituximab"
+
+
+def test_an_order_valid_in_neither_r4_nor_stu3_reports_the_r4_problems() -> None:
+    broken = med_request(
+        coded("121191"),
+        dosageInstruction=[{"doseQuantity": {"value": 375, "unit": "mg/m2"}}],
+        status=7,
+    )
+    with pytest.raises(DraftOrderError) as caught:
+        find_drug_orders(bundle(broken), GROUPS)
+    assert caught.value.location == "context.draftOrders.entry[0]"
+    assert "FHIR R4" in caught.value.problem and "doseQuantity" in caught.value.problem
+
+
 def test_selections_limit_the_orders() -> None:
     drafts = bundle(med_request(coded("121191"), "rtx"), med_request(coded("134547"), "benda"))
     assert find_drug_orders(drafts, GROUPS, ["MedicationRequest/benda"]) == []
@@ -151,6 +259,27 @@ def test_invalid_order_names_its_entry() -> None:
         find_drug_orders(bundle(med_request(coded("134547"), "ok"), broken), GROUPS)
     assert caught.value.location == "context.draftOrders.entry[1]"
     assert "FHIR R4" in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("contained", "detail"),
+    [
+        ({"resourceType": "NoSuchResource", "id": "m1"}, "'NoSuchResource' is not a FHIR R4"),
+        ({"resourceType": "", "id": "m1"}, "contained.0.resourceType"),
+        ({"resourceType": 5, "id": "m1"}, "contained.0.resourceType: must be a string"),
+        ({"resourceType": None, "id": "m1"}, "contained.0.resourceType: must be a string"),
+        ({"resourceType": ["Medication"], "id": "m1"}, "must be a string"),
+        ({"resourceType": {"a": 1}, "id": "m1"}, "must be a string"),
+    ],
+)
+def test_a_contained_resource_of_unknown_type_is_a_draft_order_error(
+    contained: dict[str, Any], detail: str
+) -> None:
+    broken = med_request(coded("121191"), "rtx", contained=[contained])
+    with pytest.raises(DraftOrderError) as caught:
+        find_drug_orders(bundle(med_request(coded("134547"), "benda"), broken), GROUPS)
+    assert caught.value.location == "context.draftOrders.entry[1]"
+    assert "FHIR R4" in caught.value.problem and detail in caught.value.problem
 
 
 def test_dstu2_order_without_medication_is_refused() -> None:
