@@ -54,9 +54,14 @@ def prefetch_templates(terminology: Terminology, with_medications: bool) -> dict
         ),
     }
     if with_medications:
-        templates["medicationRequests"] = f"MedicationRequest?patient={patient}&_count=200"
+        # Medications are often coded on a referenced Medication resource, not inline; asking
+        # for them here lets the record read the code without a second query.
+        templates["medicationRequests"] = (
+            f"MedicationRequest?patient={patient}&_include=MedicationRequest:medication&_count=200"
+        )
         templates["medicationAdministrations"] = (
-            f"MedicationAdministration?patient={patient}&_count=200"
+            f"MedicationAdministration?patient={patient}"
+            "&_include=MedicationAdministration:medication&_count=200"
         )
     return templates
 

@@ -18,8 +18,11 @@ from typing import NamedTuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 _METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal"})
+# Cloud instance metadata services: AWS, GCP and Azure (169.254.169.254, also link-local), AWS
+# over IPv6 (fd00:ec2::254), Alibaba Cloud (100.100.100.200) and Oracle Cloud (192.0.0.192).
 _METADATA_IPS = frozenset(
-    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+    ipaddress.ip_address(address)
+    for address in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "192.0.0.192")
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _DEFAULT_PORTS = {"http": 80, "https": 443}

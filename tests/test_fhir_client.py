@@ -14,6 +14,7 @@ import pytest
 
 from service import fhir_client
 from service.fhir_client import FetchOutcome, FhirFetcher, FhirServerRefused
+from service.fhir_server_policy import forbidden_ip
 from service.settings import FhirSettings
 from tests.fhir_test_server import FhirTestServer, hook_request_resources
 
@@ -288,12 +289,27 @@ def test_bad_queries_are_not_sent(fhir: FhirTestServer, make_fetcher: Any, query
         "http://[fe80::1%25eth0]/fhir",
         "http://[::ffff:169.254.169.254]/",
         "http://[fd00:ec2::254]/",
+        "http://100.100.100.200/latest/meta-data/",  # Alibaba Cloud
+        "http://[::ffff:100.100.100.200]/",
+        "http://192.0.0.192/opc/v2/instance/",  # Oracle Cloud
+        "http://[64:ff9b::c000:c0]/",  # 192.0.0.192 through NAT64
         "http://metadata.google.internal/computeMetadata/v1/",
         "http://METADATA.google.internal./",
         "http://metadata/",
     ],
 )
-@pytest.mark.parametrize("allowed", [(), ("http://169.254.169.254", "http://metadata")])
+@pytest.mark.parametrize(
+    "allowed",
+    [
+        (),
+        (
+            "http://169.254.169.254",
+            "http://metadata",
+            "http://100.100.100.200",
+            "http://192.0.0.192",
+        ),
+    ],
+)
 def test_link_local_and_metadata_always_refused(
     make_fetcher: Any, url: str, allowed: tuple[str, ...]
 ) -> None:
@@ -302,6 +318,31 @@ def test_link_local_and_metadata_always_refused(
         fetcher.check_server(url)
     with pytest.raises(FhirServerRefused):
         fetcher.fetch_all(url, TOKEN, {"p": "Patient/1"})
+
+
+@pytest.mark.parametrize(
+    ("address", "forbidden"),
+    [
+        ("100.100.100.200", True),
+        ("192.0.0.192", True),
+        ("::ffff:100.100.100.200", True),
+        ("2002:c000:c0::1", True),  # 6to4 around 192.0.0.192
+        # Their neighbours are ordinary addresses: without an allow-list they are accepted.
+        ("100.100.100.201", False),
+        ("192.0.0.193", False),
+    ],
+)
+def test_alibaba_and_oracle_metadata_addresses_are_forbidden(
+    make_fetcher: Any, address: str, forbidden: bool
+) -> None:
+    assert forbidden_ip(address) is forbidden
+    host = f"[{address}]" if ":" in address else address
+    fetcher = make_fetcher()
+    if forbidden:
+        with pytest.raises(FhirServerRefused, match="link-local or cloud metadata"):
+            fetcher.check_server(f"http://{host}/fhir")
+    else:
+        fetcher.check_server(f"http://{host}/fhir")  # an IP literal: no DNS lookup
 
 
 def test_hostname_resolving_to_link_local_is_refused(

@@ -39,8 +39,12 @@ def test_prefetch_templates_use_only_cds_hooks_2_tokens(client: Any) -> None:
             tokens = {t.split("}}")[0] for t in template.split("{{")[1:]}
             assert tokens == {"context.patientId"}, template  # no date tokens in 2.0
     by_id = {s["id"]: s for s in services}
-    assert "medicationRequests" in by_id["igm-flare-patient-view"]["prefetch"]
-    assert "medicationAdministrations" in by_id["igm-flare-patient-view"]["prefetch"]
+    patient_view = by_id["igm-flare-patient-view"]["prefetch"]
+    # Referenced Medication resources come in the same Bundle, so coded medications are read.
+    assert "&_include=MedicationRequest:medication" in patient_view["medicationRequests"]
+    assert (
+        "&_include=MedicationAdministration:medication" in patient_view["medicationAdministrations"]
+    )
 
 
 def test_configured_local_igm_codes_join_the_prefetch(tmp_path: Any) -> None:
