@@ -89,6 +89,36 @@ def post_hook(client: Any, body: dict[str, Any], service_id: str | None = None) 
     return client.post(f"/cds-services/{service_id}", json=body)
 
 
+def check_scenario(
+    client: Any,
+    body: dict[str, Any],
+    indicator: str | None,
+    finding: str,
+    shown: tuple[str, ...],
+) -> dict[str, Any] | None:
+    """Run a hook request through HTTP and check what a clinician would see; return the card.
+
+    No card expected (indicator None) means exactly `{"cards": []}`. Otherwise one card with
+    that indicator and finding, a summary under 140 characters, the rule version, and every
+    string of `shown` in its detail: the data it was computed from.
+    """
+    response = post_hook(client, body)
+    assert response.status_code == 200, response.get_json()
+    answer = response.get_json()
+    assert_conforms(answer, "CdsResponse")
+    if indicator is None:
+        assert answer == {"cards": []}
+        return None
+    [card] = answer["cards"]
+    assert card["indicator"] == indicator
+    assert card["source"]["topic"]["code"] == finding
+    assert len(card["summary"]) < 140
+    assert f"Rule `{finding}` v" in card["detail"]
+    for text in shown:
+        assert text in card["detail"], f"{text!r} not shown on the card"
+    return card
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

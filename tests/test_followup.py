@@ -19,7 +19,12 @@ from service.followup_assessment import (
 from service.record import PatientRecord
 from service.settings import RulesSettings, TerminologySettings
 from service.terminology import build_terminology
-from tests.conftest import all_fixture_names, assert_conforms, load_fixture, post_hook
+from tests.conftest import (
+    all_fixture_names,
+    check_scenario,
+    load_fixture,
+    post_hook,
+)
 
 # scenario -> (indicator or None, finding, strings the card must show)
 EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
@@ -53,18 +58,7 @@ def test_every_patient_view_fixture_has_an_expectation() -> None:
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_scenario_through_http(client: Any, name: str) -> None:
     indicator, finding, shown = EXPECTED[name]
-    response = post_hook(client, load_fixture(name))
-    assert response.status_code == 200, response.get_json()
-    answer = response.get_json()
-    assert_conforms(answer, "CdsResponse")
-    if indicator is None:
-        assert answer == {"cards": []}
-        return
-    [card] = answer["cards"]
-    assert card["indicator"] == indicator
-    assert card["source"]["topic"]["code"] == finding
-    for text in shown:
-        assert text in card["detail"], f"{text!r} missing from the card"
+    check_scenario(client, load_fixture(name), indicator, finding, shown)
 
 
 def test_series_table_shows_every_result_since_the_first_dose(client: Any) -> None:
