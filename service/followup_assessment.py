@@ -6,7 +6,7 @@ Pure: record, value sets, rules and now in; findings out.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -49,12 +49,18 @@ class FollowupFinding:
     viscosity: Reading | None
     hyperviscosity_conditions: tuple[ConditionFact, ...]
     hyperviscosity: bool
+    high_viscosity: bool = False  # `viscosity` is at or above the critical threshold
 
     @property
     def rise_percent(self) -> float | None:
-        if self.baseline is None or self.baseline.normalised <= 0:
-            return None
-        return (self.latest.normalised / self.baseline.normalised - 1) * 100
+        return rise_percent(self.latest, self.baseline)
+
+
+def rise_percent(reading: Reading, baseline: Reading | None) -> float | None:
+    """Change of `reading` over `baseline` in percent; None when there is nothing to compare."""
+    if baseline is None or baseline.normalised <= 0:
+        return None
+    return (reading.normalised / baseline.normalised - 1) * 100
 
 
 def _drug_of(
@@ -153,7 +159,7 @@ def assess_followup(
     hyper_conditions = matching_conditions(
         record.conditions, terminology.hyperviscosity_conditions, now
     )
-    hyperviscous = hyperviscosity_evidence(labs, hyper_conditions, rules)
+    hyperviscous = hyperviscosity_evidence(labs, hyper_conditions)
     findings = []
     flare = _flare(record, terminology, rules, now, labs.igm_series)
     if flare is not None:
@@ -161,33 +167,24 @@ def assess_followup(
     rebound = _btk_rebound(record, terminology, rules, now, labs.igm_series)
     if rebound is not None:
         findings.append(rebound)
-    return [_with_viscosity(f, labs.viscosity, hyper_conditions, hyperviscous) for f in findings]
-
-
-def _with_viscosity(
-    finding: FollowupFinding,
-    viscosity: Reading | None,
-    conditions: tuple[ConditionFact, ...],
-    hyperviscous: bool,
-) -> FollowupFinding:
-    kind, indicator = finding.kind, finding.indicator
+    evidence = {
+        "viscosity": labs.viscosity,
+        "hyperviscosity_conditions": hyper_conditions,
+        "hyperviscosity": hyperviscous,
+        "high_viscosity": labs.high_viscosity,
+    }
     if hyperviscous:
         # Flare or rebound, a rising IgM with hyperviscosity is dangerous whatever its cause.
-        kind = FLARE_HYPERVISCOSITY if kind == FLARE else kind
-        indicator = "critical"
-    return FollowupFinding(
-        kind,
-        indicator,
-        finding.drug,
-        finding.start,
-        finding.start_record,
-        finding.baseline,
-        finding.latest,
-        finding.series,
-        viscosity,
-        conditions,
-        hyperviscous,
-    )
+        return [
+            replace(
+                f,
+                kind=FLARE_HYPERVISCOSITY if f.kind == FLARE else f.kind,
+                indicator="critical",
+                **evidence,
+            )
+            for f in findings
+        ]
+    return [replace(f, **evidence) for f in findings]
 
 
 def _flare(
@@ -227,8 +224,8 @@ def _flare(
     )
     if baseline is None:
         return FollowupFinding(FLARE_NO_BASELINE, "info", **common)
-    rise = (latest.normalised / baseline.normalised - 1) * 100 if baseline.normalised > 0 else 0
-    if rise > rules.flare_rise_percent:
+    rise = rise_percent(latest, baseline)
+    if rise is not None and rise > rules.flare_rise_percent:
         return FollowupFinding(FLARE, "info", **common)
     return None
 
@@ -257,11 +254,11 @@ def _btk_rebound(
     if held is None or held > now or now - held > timedelta(days=rules.btk_hold_window_days):
         return None
     baseline, after = _split(series, held)
-    if baseline is None or not after or baseline.normalised <= 0:
+    if not after:
         return None
     latest = after[-1]
-    rise = (latest.normalised / baseline.normalised - 1) * 100
-    if rise <= rules.btk_rebound_rise_percent:
+    rise = rise_percent(latest, baseline)
+    if rise is None or rise <= rules.btk_rebound_rise_percent:
         return None
     return FollowupFinding(
         BTK_REBOUND,

@@ -9,6 +9,7 @@ from service.followup_assessment import (
     FLARE_NO_BASELINE,
     FollowupFinding,
     assess_followup,
+    rise_percent,
 )
 from service.markdown import day, mg_dl, table
 from service.record import PatientRecord
@@ -30,8 +31,8 @@ def series_table(finding: FollowupFinding) -> str:
         elif reading is finding.baseline:
             change = "baseline"
         else:
-            pct = (reading.normalised / finding.baseline.normalised - 1) * 100
-            change = f"{pct:+.0f}%"
+            pct = rise_percent(reading, finding.baseline)
+            change = f"{pct:+.0f}%" if pct is not None else "no baseline"
         weeks = (
             _weeks(finding, reading.effective) if reading.effective >= finding.start else "before"
         )
@@ -72,10 +73,10 @@ def hyperviscosity_table(finding: FollowupFinding) -> str:
     return table(("Data", "As reported", "Date", "Record"), rows)
 
 
-def _evidence_short(finding: FollowupFinding, threshold: float) -> str:
+def _evidence_short(finding: FollowupFinding) -> str:
     """What shows hyperviscosity: a viscosity at or above the threshold, else the diagnosis."""
     visc = finding.viscosity
-    if visc is not None and visc.normalised >= threshold:
+    if visc is not None and finding.high_viscosity:
         return f"viscosity {visc.reported}"
     if finding.hyperviscosity_conditions:
         return f"diagnosis {finding.hyperviscosity_conditions[0].code}"
@@ -94,7 +95,7 @@ def render_followup_card(
         "weeks": _weeks(finding, finding.latest.effective),
         "start_date": day(finding.start),
         "series_table": series_table(finding),
-        "evidence_short": _evidence_short(finding, builder.rules.viscosity_critical_cp),
+        "evidence_short": _evidence_short(finding),
         "hyperviscosity_table": hyperviscosity_table(finding),
     }
     if finding.kind in (FLARE_NO_BASELINE, BTK_REBOUND):
@@ -107,7 +108,7 @@ def render_followup_card(
     if finding.hyperviscosity:
         evidence = [f"Observation/{finding.latest.observation_id}"]
         visc = finding.viscosity
-        if visc is not None and visc.normalised >= builder.rules.viscosity_critical_cp:
+        if visc is not None and finding.high_viscosity:
             evidence.append(f"Observation/{visc.observation_id}")
         evidence += [f"Condition/{c.condition_id}" for c in finding.hyperviscosity_conditions]
         request = plasmapheresis_request(

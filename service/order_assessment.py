@@ -54,6 +54,7 @@ class LabPicture:
     viscosity: Reading | None
     unusable_viscosity: tuple[Unusable, ...]
     igm_series: tuple[Reading, ...]
+    high_viscosity: bool  # `viscosity` is at or above the critical threshold
 
 
 def _ambiguous(reading: Reading, threshold: float) -> bool:
@@ -126,16 +127,13 @@ def read_labs(
             visc_unusable, viscosity.effective if viscosity else None, visc_cutoff
         ),
         igm_series=tuple(igm),
+        high_viscosity=viscosity is not None
+        and viscosity.normalised >= rules.viscosity_critical_cp,
     )
 
 
-def hyperviscosity_evidence(
-    labs: LabPicture, conditions: tuple[ConditionFact, ...], rules: RulesSettings
-) -> bool:
-    high_viscosity = labs.viscosity is not None and (
-        labs.viscosity.normalised >= rules.viscosity_critical_cp
-    )
-    return bool(conditions) or high_viscosity
+def hyperviscosity_evidence(labs: LabPicture, conditions: tuple[ConditionFact, ...]) -> bool:
+    return bool(conditions) or labs.high_viscosity
 
 
 def scope_reason(
@@ -176,7 +174,7 @@ def assess_orders(
         record.conditions, terminology.hyperviscosity_conditions, now
     )
     latest = labs.latest_igm
-    if hyperviscosity_evidence(labs, hyperviscous, rules):
+    if hyperviscosity_evidence(labs, hyperviscous):
         kind, indicator = HYPERVISCOSITY, "critical"
     elif latest is not None and latest.normalised >= rules.igm_high_mg_dl:
         kind, indicator = IGM_HIGH, "warning"
@@ -196,8 +194,7 @@ def assess_orders(
         unusable_igm=labs.unusable_igm,
         viscosity=labs.viscosity,
         unusable_viscosity=labs.unusable_viscosity,
-        high_viscosity=labs.viscosity is not None
-        and labs.viscosity.normalised >= rules.viscosity_critical_cp,
+        high_viscosity=labs.high_viscosity,
         hyperviscosity_conditions=hyperviscous,
         wm_conditions=wm,
         very_high=latest is not None and latest.normalised >= rules.igm_very_high_mg_dl,

@@ -111,9 +111,9 @@ def data_table(finding: OrderRiskFinding, rules: RulesSettings) -> str:
     return table(DATA_HEADERS, rows)
 
 
-def _evidence_short(finding: OrderRiskFinding, rules: RulesSettings) -> str:
+def _evidence_short(finding: OrderRiskFinding) -> str:
     visc = finding.viscosity
-    if visc is not None and visc.normalised >= rules.viscosity_critical_cp:
+    if visc is not None and finding.high_viscosity:
         return f"serum viscosity {visc.reported} on {day(visc.effective)}"
     cond = finding.hyperviscosity_conditions[0]
     return f"active diagnosis {cond.code}"
@@ -161,7 +161,7 @@ def render_order_card(
         "data_table": data_table(finding, rules),
     }
     if finding.kind == HYPERVISCOSITY:
-        values["evidence_short"] = _evidence_short(finding, rules)
+        values["evidence_short"] = _evidence_short(finding)
         values["igm_note"] = _igm_note(finding, rules)
     if finding.kind == IGM_HIGH:
         values["very_high_note"] = (
