@@ -55,22 +55,9 @@ def _version_of(resource: Mapping[str, Any]) -> str:
     return "R4"
 
 
-def _model_for(version: str) -> Any:
-    # Imported lazily: each version's models cost start-up time and memory only when used.
-    if version == "R4":
-        from fhir.resources.R4B.medicationrequest import MedicationRequest
-    elif version == "STU3":
-        from fhir.resources.STU3.medicationrequest import MedicationRequest
-    elif version == "R5":
-        from fhir.resources.medicationrequest import MedicationRequest
-    else:
-        return None
-    return MedicationRequest
-
-
 def _problems(resource: Mapping[str, Any], version: str) -> str | None:
     """Why `resource` is not a valid FHIR `version` MedicationRequest, or None when it is."""
-    model = _model_for(version)
+    model = _model_class("MedicationRequest", version)
     try:
         model.model_validate(resource)
     except ValidationError as exc:
@@ -102,7 +89,10 @@ def _contained_type_problem(contained: Any, version: str) -> str:
 
 
 def _model_class(resource_type: str, version: str) -> Any:
-    """The fhir.resources model for a resource type in `version`, or None if there is none."""
+    """The fhir.resources model for a resource type in `version`, or None if there is none.
+
+    Imported on first use: each version's models cost start-up time and memory only when used.
+    """
     package = {"R4": "fhir.resources.R4B", "STU3": "fhir.resources.STU3"}.get(
         version, "fhir.resources"
     )
@@ -298,6 +288,6 @@ _WARM_UP_ORDER: dict[str, Any] = {
 def warm_up_models() -> None:
     """Load the R4 models at start-up: otherwise each worker's first order call pays ~150 ms.
 
-    Only R4, the target version; STU3 and R5 models stay lazy (see _model_for).
+    Only R4, the target version; STU3 and R5 models stay lazy (see _model_class).
     """
     _validate(_WARM_UP_ORDER, "R4", "warm-up")
