@@ -76,7 +76,7 @@ def _record_issued(rt: Runtime, service_id: str, hook: str, result: Any) -> None
         from service.feedback_store import IssuedCard, patient_hash
 
         store = rt.store()
-        key = rt.patient_hash_key()
+        hashed_patient = patient_hash(rt.patient_hash_key(), result.patient_id)
         issued_at = datetime.now(UTC)
         store.record_issued(
             [
@@ -89,7 +89,7 @@ def _record_issued(rt: Runtime, service_id: str, hook: str, result: Any) -> None
                     rule_version=c.rule_version,
                     indicator=c.indicator,
                     issued_at=issued_at,
-                    patient_hash=patient_hash(key, result.patient_id),
+                    patient_hash=hashed_patient,
                 )
                 for c in result.cards
             ]
