@@ -53,40 +53,48 @@ class Runtime:
         self._verifier = verifier
         self._hash_key: bytes | None = None
 
-    def fetcher(self) -> Any:
+    def _once(self, name: str, build: Callable[[], Any]) -> Any:
+        """The attribute `name`, built on first use in this process (under the lock)."""
         with self._lock:
-            if self._fetcher is None:
-                from service.fhir_client import FhirFetcher
+            if getattr(self, name) is None:
+                setattr(self, name, build())
+            return getattr(self, name)
 
-                self._fetcher = FhirFetcher(self.settings.fhir)
-            return self._fetcher
+    def fetcher(self) -> Any:
+        def build() -> Any:
+            from service.fhir_client import FhirFetcher
+
+            return FhirFetcher(self.settings.fhir)
+
+        return self._once("_fetcher", build)
 
     def store(self) -> Any:
-        with self._lock:
-            if self._store is None:
-                from service.feedback_store import open_store
+        def build() -> Any:
+            from service.feedback_store import open_store
 
-                self._store = open_store(self.settings.storage)
-            return self._store
+            return open_store(self.settings.storage)
+
+        return self._once("_store", build)
 
     def patient_hash_key(self) -> bytes:
         """The key for hashing patient ids in the feedback store, read once per process."""
-        with self._lock:
-            if self._hash_key is None:
-                from service.feedback_store import load_or_create_hash_key
 
-                self._hash_key = load_or_create_hash_key(self.settings.storage)
-            return self._hash_key
+        def build() -> bytes:
+            from service.feedback_store import load_or_create_hash_key
+
+            return load_or_create_hash_key(self.settings.storage)
+
+        return self._once("_hash_key", build)
 
     def verifier(self) -> Any:
-        with self._lock:
-            if self._verifier is None:
-                from service.auth import TokenVerifier
-                from service.replay_cache import SqliteReplayCache
+        def build() -> Any:
+            from service.auth import TokenVerifier
+            from service.replay_cache import SqliteReplayCache
 
-                cache_path = _beside(self.settings.storage.database, "replay-cache.sqlite3")
-                self._verifier = TokenVerifier(self.settings.auth, SqliteReplayCache(cache_path))
-            return self._verifier
+            cache_path = _beside(self.settings.storage.database, "replay-cache.sqlite3")
+            return TokenVerifier(self.settings.auth, SqliteReplayCache(cache_path))
+
+        return self._once("_verifier", build)
 
 
 def _beside(database: str, name: str) -> str:
