@@ -27,7 +27,7 @@ from bench.servers import (
     service_server,
 )
 from bench.workloads import build_workloads, fhir_server_resources
-from service.server import DEFAULT_THREADS, DEFAULT_WORKERS
+from service.serving.server import DEFAULT_THREADS, DEFAULT_WORKERS
 from tests.fhir_test_server import FhirTestServer
 
 QUICK_WORKLOADS = ["order-sign-high", "order-sign-no-prefetch"]
@@ -202,7 +202,7 @@ def _document(
             "connection": "keep-alive" if args.keepalive else "close",
             "max_other_cores": args.max_other_cores,
             "retries": args.retries,
-            "server": "gunicorn gthread (service.server.gunicorn_options) for both",
+            "server": "gunicorn gthread (service.serving.server.gunicorn_options) for both",
         },
         "baseline": {
             "app": 'bench/baseline_app.py: json.loads(body) -> {"cards": []}',

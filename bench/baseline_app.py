@@ -1,8 +1,9 @@
 """The baseline: the least a Flask service can do with a hook call, under the same gunicorn.
 
-It reads and parses the same JSON body and answers `{"cards": []}`, served with exactly the options
-`flare-cds serve` uses (service.server.gunicorn_options), so the ratio of the two throughputs is
-the cost of the service's own work, not of the framework, the server or the load generator.
+It reads and parses the same JSON body and answers `{"cards": []}`, served with exactly the
+options `flare-cds serve` uses (service.serving.server.gunicorn_options), so the ratio of the two
+throughputs is the cost of the service's own work, not of the framework, the server or the load
+generator.
 
 Run: python -m bench.baseline_app --host 127.0.0.1 --port 8090 --workers 2 --threads 4
 """
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 from flask import Flask, Response, jsonify, request
 
-from service.server import GunicornApp, gunicorn_options
+from service.serving.server import GunicornApp, gunicorn_options
 
 
 def create_baseline_app() -> Flask:
@@ -23,7 +24,7 @@ def create_baseline_app() -> Flask:
 
     @app.post("/cds-services/<service_id>")
     def call_service(service_id: str) -> Response:
-        # The same reading as service.routes.read_json_body: raw bytes, then json.loads.
+        # The same reading as service.api.routes.read_json_body: raw bytes, then json.loads.
         body = json.loads(request.get_data(cache=False))
         if not isinstance(body, dict):
             return Response(status=400)

@@ -177,7 +177,7 @@ def _clean_env() -> dict[str, str]:
 def service_command(port: int, workers: int, threads: int, config: Path) -> list[str]:
     """`flare-cds serve`: the installed console script when there is one, as production runs."""
     script = Path(sys.executable).with_name("flare-cds")
-    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "service.serving.cli"]
     return [
         *launcher,
         "serve",

@@ -13,12 +13,12 @@ __all__ = ["create_app"]
 
 def create_app(settings: Settings | None = None, **runtime_overrides: Any) -> Flask:
     """The app factory. `runtime_overrides` (clock, fetcher, store, verifier) serve tests."""
-    from service import middleware
-    from service.errors import register_error_handlers
-    from service.json_codec import OrjsonProvider
+    from service.api import middleware
+    from service.api.errors import register_error_handlers
+    from service.api.json_codec import OrjsonProvider
+    from service.api.routes import bp
+    from service.api.runtime import Runtime
     from service.logging_setup import configure_logging
-    from service.routes import bp
-    from service.runtime import Runtime
 
     settings = settings or load_settings()
     configure_logging(settings.logging.level)

@@ -20,7 +20,7 @@ import requests
 from werkzeug.serving import make_server
 
 from service import create_app
-from service.contract import Contract
+from service.api.contract import Contract
 from service.settings import Settings
 from tests.fixture_dates import FIXTURE_NOW, as_of_today, shift_dates
 
@@ -170,7 +170,7 @@ class ServeProcess:
         command = [
             sys.executable,
             "-m",
-            "service.cli",
+            "service.serving.cli",
             "serve",
             "--host",
             "127.0.0.1",

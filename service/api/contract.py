@@ -1,0 +1,95 @@
+"""openapi.yaml as the runtime validator: loaded and compiled once, used for every request.
+
+The contract file is both the documentation integrators read and the schema the service checks
+bodies against, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema.exceptions import ValidationError
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+CONTRACT_PATH = Path(__file__).resolve().parents[2] / "openapi.yaml"
+CONTRACT_URI = "urn:flare-cds:openapi"
+
+
+@dataclass(frozen=True)
+class Problem:
+    location: str
+    problem: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"location": self.location, "problem": self.problem}
+
+
+class Contract:
+    """The parsed contract and one compiled validator per component schema, built on demand."""
+
+    def __init__(self, path: Path = CONTRACT_PATH) -> None:
+        self.path = path
+        self.text = path.read_text("utf-8")
+        self.document: dict[str, Any] = yaml.safe_load(self.text)
+        resource = Resource.from_contents(self.document, default_specification=DRAFT202012)
+        self._registry = Registry().with_resource(CONTRACT_URI, resource)
+        self._validators: dict[str, Draft202012Validator] = {}
+
+    def validator(self, schema_name: str) -> Draft202012Validator:
+        if schema_name not in self._validators:
+            if schema_name not in self.document["components"]["schemas"]:
+                raise KeyError(f"no schema {schema_name} in {self.path.name}")
+            self._validators[schema_name] = Draft202012Validator(
+                {"$ref": f"{CONTRACT_URI}#/components/schemas/{schema_name}"},
+                registry=self._registry,
+                format_checker=FormatChecker(),
+            )
+        return self._validators[schema_name]
+
+    def compile_all(self) -> None:
+        """Compile every schema at start-up so no request pays for it."""
+        for name in self.document["components"]["schemas"]:
+            self.validator(name)
+
+    def problems(self, schema_name: str, instance: Any, limit: int = 10) -> list[Problem]:
+        found = []
+        for error in _leaf_errors(self.validator(schema_name).iter_errors(instance)):
+            found.append(Problem(_location(error), _message(error)))
+            if len(found) >= limit:
+                break
+        found.sort(key=lambda p: p.location)
+        return found
+
+    @cached_property
+    def version(self) -> str:
+        return str(self.document["info"]["version"])
+
+
+def _leaf_errors(errors: Iterator[ValidationError]) -> Iterator[ValidationError]:
+    """The most specific errors: allOf/oneOf wrappers say less than what they contain."""
+    for error in errors:
+        if error.context:
+            yield from _leaf_errors(iter(error.context))
+        else:
+            yield error
+
+
+def _location(error: ValidationError) -> str:
+    parts = []
+    for part in error.absolute_path:
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+    return "".join(parts).lstrip(".") or "(body)"
+
+
+def _message(error: ValidationError) -> str:
+    # jsonschema quotes the whole instance in some messages; a large FHIR Bundle must not be
+    # echoed back into an error body or a log.
+    message = error.message
+    return message if len(message) <= 200 else message[:197] + "..."

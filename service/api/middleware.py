@@ -1,0 +1,248 @@
+"""What wraps every request: request id and timing, CORS, security headers, auth, body limits.
+
+Browser clients (the public CDS Hooks sandbox) call every route from the page, so CORS covers
+all routes and answers preflight before authentication: a preflight carries no token.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+import uuid
+from typing import IO
+
+from flask import Flask, Request, Response, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.utils import cached_property
+
+from service.api.errors import ApiError
+
+log = logging.getLogger("flare_cds.http")
+
+# Routes anyone may read: liveness and the public contract.
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.yaml"})
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Accept, X-Request-Id"
+CORS_ALLOW_METHODS = "GET, POST, OPTIONS"
+# Bodies the routes parse as JSON (routes.JSON_TYPES); others are answered 415 without reading.
+JSON_BODY_TYPES = ("application/json", "application/fhir+json")
+# Far deeper than any FHIR resource or CDS Hooks request, far shallower than what makes
+# recursive Python code (schema validation, error rendering) hit the interpreter's limit.
+MAX_JSON_DEPTH = 100
+
+# Brackets inside string literals do not nest anything. Telling where strings end takes linear
+# time on any input: bytes methods, and patterns that never backtrack (see _bracket_shape).
+_OBJECTS_AS_ARRAYS = bytes.maketrans(b"{}", b"[]")
+_NOT_SHAPE = bytes(sorted(set(range(256)) - set(b'[]{}"\\')))
+# The escapes that can hide where a string ends: an escaped backslash, an escaped quote.
+_QUOTE_OR_BACKSLASH_ESCAPE = re.compile(rb'\\[\\"]')
+# For _bracket_shape_scanned: brackets (objects as arrays), quotes, backslashes; all else a space.
+_SCAN_BYTES = bytes(c if c in b'[]{}"\\' else 32 for c in range(256)).translate(_OBJECTS_AS_ARRAYS)
+# A string once each escaped quote is a "'": any quote opens one, only a plain quote closes it.
+_SCANNED_STRING = re.compile(b'[\'"][^"]*"')
+
+
+class _CappedBody(io.RawIOBase):
+    """A streamed body that fails with 413 once it is larger than `limit` bytes.
+
+    Werkzeug caps a chunked body (no Content-Length) at the limit by stopping to read, so an
+    oversized body arrives silently truncated and is answered as invalid JSON. Reading one byte
+    past the limit tells "exactly the limit" from "too large".
+    """
+
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
+        super().__init__()
+        self._stream = stream
+        self._limit = limit
+        self._seen = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        if self._seen > self._limit:
+            raise RequestEntityTooLarge()
+        wanted = min(len(buffer), self._limit + 1 - self._seen)
+        data = self._stream.read(wanted)
+        if not data:
+            return 0
+        self._seen += len(data)
+        if self._seen > self._limit:
+            raise RequestEntityTooLarge()
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class BoundedRequest(Request):
+    """Flask's request, except that a chunked body over MAX_CONTENT_LENGTH is a 413."""
+
+    @cached_property
+    def stream(self) -> IO[bytes]:
+        limit = self.max_content_length
+        # Only servers that terminate the stream themselves (gunicorn, werkzeug for chunked
+        # bodies) set wsgi.input_terminated; without it Werkzeug's own guard is the right one.
+        if (
+            limit is not None
+            and self.content_length is None
+            and self.environ.get("wsgi.input_terminated")
+            and not self.shallow
+        ):
+            return _CappedBody(self.environ["wsgi.input"], limit)
+        return super().stream
+
+
+def _bracket_shape(raw: bytes) -> bytes:
+    """The brackets of `raw` outside string literals, objects written as arrays.
+
+    A string runs from a quote to the next quote that no backslash escapes; one that is never
+    closed keeps everything from its opening quote on. Outside strings a backslash is an
+    ordinary byte (so a quote right after one there opens a string). Linear time on any input.
+    """
+    # In a string a backslash escapes the byte after it, pairing from the left of each run of
+    # backslashes. Pairing the same way over the whole text (each run starts after a byte no
+    # backslash escapes) and writing each escaped backslash or quote as one backslash takes out
+    # every escaped quote and no other. Outside strings JSON has no backslash; where the text has
+    # one, the pairing may have taken an opening quote there, but leaves a backslash to tell.
+    traced = _QUOTE_OR_BACKSLASH_ESCAPE.sub(b"\\\\", raw) if b"\\" in raw else raw
+    # Every quote left opens or closes a string, so the pieces between quotes alternate out/in.
+    pieces = traced.translate(_OBJECTS_AS_ARRAYS, _NOT_SHAPE).split(b'"')
+    unclosed = pieces.pop() if len(pieces) % 2 == 0 else b""  # an odd number of quotes
+    outside = b"".join(pieces[::2])
+    if b"\\" in outside:
+        return _bracket_shape_scanned(raw)
+    return outside + unclosed.replace(b"\\", b"")
+
+
+def _bracket_shape_scanned(raw: bytes) -> bytes:
+    """_bracket_shape for text with a backslash outside strings (never JSON).
+
+    There a quote right after a backslash opens a string, so the pieces between quotes no longer
+    alternate out/in; the strings are matched one after the other instead, still in linear time.
+    """
+    # Each run of backslashes cut to its parity: a backslash left escapes the byte after it.
+    reduced = raw.replace(b"\\\\", b"").translate(_SCAN_BYTES)
+    marked = reduced.replace(b'\\"', b"'").translate(None, b" \\")  # only []"' are left
+    # Every string but perhaps the last closes before the last plain quote, and each match ends
+    # at the first plain quote after its start: no match ever backtracks, none fails but at the
+    # last quote. After it, unclosed string or not, every bracket counts.
+    last = marked.rfind(b'"') + 1
+    shape = _SCANNED_STRING.sub(b"", marked[:last]) + marked[last:]
+    return shape.translate(None, b"\"'")
+
+
+def json_nesting_exceeds(raw: bytes, limit: int) -> bool:
+    """True if arrays and objects in `raw` nest deeper than `limit`.
+
+    Works on the bytes, before parsing: Python's parser accepts nesting close to the recursion
+    limit, and the first recursive walk over such a value (jsonschema, repr) then fails as a 500.
+    Each pass deletes the innermost bracket pairs, so `limit` passes empty any document that is
+    shallow enough. Malformed bracket sequences stop shrinking and are left to the parser.
+    """
+    shape = _bracket_shape(raw)
+    for _ in range(limit):
+        inner = shape.replace(b"[]", b"")
+        if inner == shape:
+            return False
+        shape = inner
+    return b"[]" in shape
+
+
+def install(app: Flask) -> None:
+    settings = app.extensions["flare_cds"].settings
+    origins = settings.http.cors_origins
+    app.request_class = BoundedRequest
+
+    @app.before_request
+    def _start() -> Response | None:
+        g.started = time.perf_counter()
+        incoming = request.headers.get("X-Request-Id", "")
+        g.request_id = (
+            incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else (uuid.uuid4().hex)
+        )
+        g.log_fields = {}
+        if request.method == "OPTIONS":
+            preflight = Response(status=204)
+            # No body, so no type: Flask would otherwise label the empty answer text/html.
+            preflight.headers.pop("Content-Type", None)
+            return preflight
+        if request.path not in PUBLIC_PATHS and request.path.startswith("/cds-services"):
+            _authenticate(app)
+        _check_json_body()
+        return None
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        _cors(response, origins)
+        headers = response.headers
+        headers["X-Request-Id"] = g.get("request_id", "")
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("Cache-Control", "no-store")
+        headers.setdefault("Referrer-Policy", "no-referrer")
+        headers.setdefault("X-Frame-Options", "DENY")
+        headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+        elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        # Method, path, status and timing only: no body, no query string, no headers.
+        log.info(
+            "request",
+            extra={
+                "request_id": g.get("request_id"),
+                "method": request.method,
+                "path": request.path,
+                "status": response.status_code,
+                "ms": round(elapsed_ms, 2),
+                **g.get("log_fields", {}),
+            },
+        )
+        return response
+
+
+def _cors(response: Response, origins: tuple[str, ...]) -> None:
+    origin = request.headers.get("Origin")
+    if "*" in origins:
+        allowed = "*"
+    else:
+        # The answer depends on Origin even when it is refused: a shared cache must not hand a
+        # response without CORS headers to an allowed origin, nor one origin's to another.
+        response.vary.add("Origin")
+        if not origin or origin not in origins:
+            return
+        allowed = origin
+    response.headers["Access-Control-Allow-Origin"] = allowed
+    response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+    response.headers["Access-Control-Allow-Methods"] = CORS_ALLOW_METHODS
+    response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, WWW-Authenticate"
+    response.headers["Access-Control-Max-Age"] = "600"
+
+
+def _check_json_body() -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH before a route parses and walks it."""
+    if request.method != "POST" or request.url_rule is None:
+        return
+    if (request.mimetype or "").lower() not in JSON_BODY_TYPES:
+        return
+    # Cached, so the route's own get_data() reads this copy; a body over the limit is a 413 here.
+    raw = request.get_data(cache=True)
+    if json_nesting_exceeds(raw, MAX_JSON_DEPTH):
+        raise ApiError(
+            400, "invalid_json", f"the body nests arrays or objects more than {MAX_JSON_DEPTH} deep"
+        )
+
+
+def _authenticate(app: Flask) -> None:
+    runtime = app.extensions["flare_cds"]
+    if not runtime.settings.auth.required:
+        return
+    from service.auth.tokens import AuthError, audience_for, www_authenticate
+
+    audience = audience_for(request.url, request.path, runtime.settings.auth.public_base_url)
+    try:
+        g.client_claims = runtime.verifier().verify(request.headers.get("Authorization"), audience)
+    except AuthError as exc:
+        g.log_fields = {"auth": exc.reason}
+        raise ApiError(
+            401,
+            "unauthorized",
+            exc.reason,
+            headers={"WWW-Authenticate": www_authenticate(exc.reason)},
+        ) from None

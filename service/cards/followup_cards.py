@@ -1,0 +1,123 @@
+"""Cards for patient-view findings: the IgM series as a table, and plasmapheresis when critical."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.cards.builder import CardBuilder, RenderedCard, SuggestionSpec
+from service.cards.markdown import day, mg_dl, table
+from service.cards.suggestions import create_action, plasmapheresis_request
+from service.clinical.followup import (
+    BTK_REBOUND,
+    FLARE_NO_BASELINE,
+    FollowupFinding,
+    rise_percent,
+)
+
+
+def _weeks(finding: FollowupFinding, when: Any) -> str:
+    return f"{(when - finding.start).days / 7:.1f}"
+
+
+def series_table(finding: FollowupFinding) -> str:
+    since = "Weeks since hold" if finding.kind == BTK_REBOUND else "Weeks since first dose"
+    rows = []
+    for reading in finding.series:
+        if finding.baseline is None:
+            change = "no baseline"
+        elif reading is finding.baseline:
+            change = "baseline"
+        else:
+            pct = rise_percent(reading, finding.baseline)
+            change = f"{pct:+.0f}%" if pct is not None else "no baseline"
+        weeks = (
+            _weeks(finding, reading.effective) if reading.effective >= finding.start else "before"
+        )
+        rows.append(
+            (
+                day(reading.effective),
+                reading.reported,
+                mg_dl(reading.normalised),
+                change,
+                weeks,
+                f"Observation/{reading.observation_id}",
+            )
+        )
+    caption = (
+        f"Start: {day(finding.start)} ({finding.start_record}). "
+        "Serum IgM, usable results only (final, amended or corrected; converted to mg/dL):"
+    )
+    headers = ("Date", "As reported", "mg/dL", "Change from baseline", since, "Record")
+    return caption + "\n\n" + table(headers, rows)
+
+
+def hyperviscosity_table(finding: FollowupFinding) -> str:
+    rows = []
+    if finding.viscosity is not None:
+        v = finding.viscosity
+        rows.append(
+            ("Serum viscosity", v.reported, day(v.effective), f"Observation/{v.observation_id}")
+        )
+    for cond in finding.hyperviscosity_conditions:
+        rows.append(
+            (
+                "Hyperviscosity diagnosis",
+                f"{cond.display} ({cond.code})",
+                "",
+                f"Condition/{cond.condition_id}",
+            )
+        )
+    return table(("Data", "As reported", "Date", "Record"), rows)
+
+
+def _evidence_short(finding: FollowupFinding) -> str:
+    """What shows hyperviscosity: a viscosity at or above the threshold, else the diagnosis."""
+    visc = finding.viscosity
+    if visc is not None and finding.high_viscosity:
+        return f"viscosity {visc.reported}"
+    if finding.hyperviscosity_conditions:
+        return f"diagnosis {finding.hyperviscosity_conditions[0].code}"
+    return "hyperviscosity evidence"
+
+
+def render_followup_card(
+    finding: FollowupFinding, patient_id: str, builder: CardBuilder
+) -> RenderedCard:
+    rise = finding.rise_percent
+    values: dict[str, Any] = {
+        "drug": finding.drug,
+        "rise": f"{rise:.0f}%" if rise is not None else "unknown",
+        "baseline_mg_dl": mg_dl(finding.baseline.normalised) if finding.baseline else "unknown",
+        "latest_mg_dl": mg_dl(finding.latest.normalised),
+        "weeks": _weeks(finding, finding.latest.effective),
+        "start_date": day(finding.start),
+        "series_table": series_table(finding),
+        "evidence_short": _evidence_short(finding),
+        "hyperviscosity_table": hyperviscosity_table(finding),
+    }
+    if finding.kind in (FLARE_NO_BASELINE, BTK_REBOUND):
+        values["hyperviscosity_note"] = (
+            builder.fragment(finding.kind, "hyperviscosity_note", values)
+            if finding.hyperviscosity
+            else ""
+        )
+    suggestions = []
+    if finding.hyperviscosity:
+        evidence = [f"Observation/{finding.latest.observation_id}"]
+        visc = finding.viscosity
+        if visc is not None and finding.high_viscosity:
+            evidence.append(f"Observation/{visc.observation_id}")
+        evidence += [f"Condition/{c.condition_id}" for c in finding.hyperviscosity_conditions]
+        request = plasmapheresis_request(
+            patient_id,
+            True,
+            f"Hyperviscosity with rising IgM after {finding.drug}",
+            evidence,
+            text="Plasmapheresis for hyperviscosity",
+        )
+        suggestions.append(
+            SuggestionSpec(
+                "plasmapheresis", [create_action("Order plasmapheresis", request)], recommended=True
+            )
+        )
+    return builder.build(finding.kind, values, suggestions, indicator=finding.indicator)

@@ -1,0 +1,227 @@
+"""Reading lab Observations the way the rules require: usable or not, when, and in which unit.
+
+Only final, amended or corrected results count; entered-in-error and dataAbsentReason are
+ignored; the time is the effective time (or `issued`), never the position in a Bundle; IgM is
+converted to mg/dL only from units with a known factor - anything else is "not usable", never a
+guess.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from service.clinical.terminology import codings_of
+
+USABLE_STATUSES = frozenset({"final", "amended", "corrected"})
+
+# Factor to mg/dL, by UCUM code; unit strings are matched case-insensitively against the same.
+IGM_FACTORS_TO_MG_DL = {"mg/dL": 1.0, "g/L": 100.0, "mg/L": 0.1, "g/dL": 1000.0}
+_IGM_FACTORS_LOWER = {unit.lower(): factor for unit, factor in IGM_FACTORS_TO_MG_DL.items()}
+
+# Serum viscosity is reported in centipoise or relative to water; labs use both with the same
+# reference range (about 1.4-1.8), so both are compared with the cP threshold as reported. A
+# relative viscosity is a pure number and often comes with no unit at all.
+VISCOSITY_UNITS = {
+    "cp": "cP",
+    "cps": "cP",
+    "centipoise": "cP",
+    "mpa.s": "mPa.s",
+    "mpa·s": "mPa.s",
+    "mpa*s": "mPa.s",
+    "1": "relative",
+    "{relative}": "relative",
+    "relative": "relative",
+}
+
+UCUM = "http://unitsofmeasure.org"
+
+_FHIR_DATETIME = re.compile(
+    r"^(?P<year>\d{4})(-(?P<month>\d{2})(-(?P<day>\d{2})"
+    r"(T(?P<time>\d{2}:\d{2}(:\d{2}(\.\d+)?)?)(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+
+
+def parse_fhir_datetime(value: Any) -> datetime | None:
+    """A FHIR date, dateTime or instant as an aware UTC datetime (partial dates at their start).
+
+    A dateTime without a zone is read as UTC; None for anything that is not a FHIR date.
+    """
+    if not isinstance(value, str):
+        return None
+    match = _FHIR_DATETIME.match(value.strip())
+    if not match:
+        return None
+    year = int(match["year"])
+    month = int(match["month"] or 1)
+    day = int(match["day"] or 1)
+    try:
+        if match["time"] is None:
+            return datetime(year, month, day, tzinfo=UTC)
+        text = value.strip().replace("Z", "+00:00")
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        # OverflowError: well formed but outside datetime's range once moved to UTC.
+        return None
+
+
+def effective_time(resource: Mapping[str, Any]) -> datetime | None:
+    """When an Observation was taken: effective[x], else `issued`."""
+    when = parse_fhir_datetime(resource.get("effectiveDateTime"))
+    if when is None:
+        when = parse_fhir_datetime(resource.get("effectiveInstant"))
+    if when is None:
+        period = resource.get("effectivePeriod")
+        if isinstance(period, Mapping):
+            when = parse_fhir_datetime(period.get("end")) or parse_fhir_datetime(
+                period.get("start")
+            )
+    if when is None:
+        when = parse_fhir_datetime(resource.get("issued"))
+    return when
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One usable numeric result, with what was reported and what the rules compare."""
+
+    observation_id: str
+    effective: datetime
+    value: float
+    unit: str
+    comparator: str
+    status: str
+    # IgM in mg/dL; for viscosity, the value as reported (cP or relative).
+    normalised: float
+
+    @property
+    def reported(self) -> str:
+        return f"{self.comparator}{_number(self.value)} {self.unit}".strip()
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A result that exists but cannot be used, and why (shown on the card)."""
+
+    observation_id: str
+    effective: datetime | None
+    reported: str
+    reason: str
+
+
+def _number(value: float) -> str:
+    """The number as the laboratory sent it: 4.0 stays "4.0", 4500 stays "4500"."""
+    return str(value) if isinstance(value, int) else repr(value)
+
+
+def _quantity(resource: Mapping[str, Any]) -> tuple[float, str, str, str] | None:
+    quantity = resource.get("valueQuantity")
+    if not isinstance(quantity, Mapping):
+        return None
+    value = quantity.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    code = quantity.get("code") if quantity.get("system") in (None, UCUM) else None
+    unit = quantity.get("unit")
+    comparator = quantity.get("comparator") or ""
+    return (
+        value,
+        code if isinstance(code, str) else "",
+        unit if isinstance(unit, str) else "",
+        comparator,
+    )
+
+
+def _resolve_unit(code: str, unit: str, known: Mapping[str, Any]) -> tuple[Any, str]:
+    """The known unit's entry for a UCUM code and/or unit string; refuse if they disagree.
+
+    The UCUM code, when present, decides; a unit string is used only when there is no code.
+    """
+    by_code = known.get(code.lower()) if code else None
+    by_unit = known.get(unit.strip().lower()) if unit else None
+    if code:
+        if by_code is None:
+            return None, f"unit '{code}' cannot be converted"
+        if unit and by_unit is not None and by_unit != by_code:
+            return None, f"unit '{unit}' and code '{code}' disagree"
+        return by_code, ""
+    if by_unit is None:
+        return None, f"unit '{unit}' cannot be converted" if unit else "no unit given"
+    return by_unit, ""
+
+
+def classify(
+    resources: Iterable[Mapping[str, Any]],
+    kind: str,
+    codes: frozenset[tuple[str, str]] | None = None,
+) -> tuple[list[Reading], list[Unusable]]:
+    """Usable readings (oldest first) and unusable ones, for kind "igm" or "viscosity".
+
+    Resources that are not results at all (wrong status, entered-in-error, data absent) are
+    dropped silently: they are not data. Results with a value we cannot interpret, or whose code
+    is not in `codes` (a server that ignored the code filter, an M-spike), are kept as Unusable
+    so the card can say so.
+    """
+    readings: list[Reading] = []
+    unusable: list[Unusable] = []
+    known = _IGM_FACTORS_LOWER if kind == "igm" else VISCOSITY_UNITS
+    for resource in resources:
+        status = resource.get("status")
+        if not isinstance(status, str) or status not in USABLE_STATUSES:
+            continue
+        if "dataAbsentReason" in resource:
+            continue
+        obs_id = str(resource.get("id") or "(no id)")
+        when = effective_time(resource)
+        if codes is not None and not any(p in codes for p in codings_of(resource.get("code"))):
+            what = "serum IgM" if kind == "igm" else "serum viscosity"
+            unusable.append(Unusable(obs_id, when, _code_text(resource), f"not a {what} code"))
+            continue
+        quantity = _quantity(resource)
+        if quantity is None:
+            shown = _describe_value(resource)
+            unusable.append(Unusable(obs_id, when, shown, "no numeric value"))
+            continue
+        value, code, unit, comparator = quantity
+        shown = f"{comparator}{_number(value)} {unit or code}".strip()
+        if when is None:
+            unusable.append(Unusable(obs_id, None, shown, "no effective date"))
+            continue
+        if kind == "viscosity" and not code and not unit.strip():
+            unit = "relative"  # a pure number: viscosity relative to water
+        unit_entry, problem = _resolve_unit(code, unit, known)
+        if unit_entry is None:
+            unusable.append(Unusable(obs_id, when, shown, problem))
+            continue
+        normalised = value * unit_entry if kind == "igm" else value
+        readings.append(
+            Reading(obs_id, when, value, unit or code, comparator, resource["status"], normalised)
+        )
+    # Ties on time are broken by id so the answer never depends on Bundle order.
+    readings.sort(key=lambda r: (r.effective, r.observation_id))
+    unusable.sort(key=lambda u: (u.effective or datetime.min.replace(tzinfo=UTC), u.observation_id))
+    return readings, unusable
+
+
+def _code_text(resource: Mapping[str, Any]) -> str:
+    pairs = [
+        f"{system.rsplit('/', 1)[-1]} {code}" for system, code in codings_of(resource.get("code"))
+    ]
+    return ", ".join(pairs) or "no code"
+
+
+def _describe_value(resource: Mapping[str, Any]) -> str:
+    for key in ("valueString", "valueCodeableConcept", "valueInteger"):
+        if key in resource:
+            value = resource[key]
+            if isinstance(value, Mapping):
+                value = value.get("text") or "coded value"
+            return str(value)[:40]
+    return "no value"

@@ -1,0 +1,179 @@
+"""Value sets: which codes mean serum IgM, viscosity, WM, hyperviscosity, anti-CD20 and BTK drugs.
+
+The codes are data (`service/clinical/data/valuesets.json`) extended by `[terminology]` in the
+config, so a site can add local lab codes without touching the logic. Built once per app, then
+read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from service.clinical.fhir_values import objects
+from service.settings import TerminologySettings
+
+ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
+
+
+def normalise_code(system: str, code: str) -> tuple[str, str]:
+    """ICD-10 codes arrive both as "C88.0" and "C880"; compare them without the dot."""
+    system = system.strip()
+    code = code.strip()
+    if system in ICD10_SYSTEMS:
+        code = code.replace(".", "").upper()
+    return system, code
+
+
+@dataclass(frozen=True)
+class DrugGroup:
+    """One drug (with its brands and products), recognised by code or by name in free text.
+
+    `unverified` holds the (system, code) pairs of `codes` that no public terminology source
+    confirmed (`verified: false` in valuesets.json): a match on one says so on the card.
+    """
+
+    name: str
+    codes: frozenset[tuple[str, str]]
+    name_pattern: re.Pattern[str]
+    unverified: frozenset[tuple[str, str]] = frozenset()
+
+
+@dataclass(frozen=True)
+class Terminology:
+    igm: frozenset[tuple[str, str]]
+    viscosity: frozenset[tuple[str, str]]
+    wm_conditions: frozenset[tuple[str, str]]
+    hyperviscosity_conditions: frozenset[tuple[str, str]]
+    anti_cd20: tuple[DrugGroup, ...]
+    btk_inhibitors: tuple[DrugGroup, ...]
+
+    def igm_search_codes(self) -> str:
+        """The `code=` parameter for a FHIR search that finds every code counted as serum IgM."""
+        return ",".join(f"{system}|{code}" for system, code in sorted(self.igm))
+
+    def viscosity_search_codes(self) -> str:
+        return ",".join(f"{system}|{code}" for system, code in sorted(self.viscosity))
+
+
+def codings_of(concept: Mapping[str, Any] | None) -> Iterable[tuple[str, str]]:
+    """(system, code) pairs of a CodeableConcept, normalised; malformed codings are skipped."""
+    if not isinstance(concept, Mapping):
+        return
+    for coding in objects(concept.get("coding")):
+        system, code = coding.get("system"), coding.get("code")
+        if isinstance(system, str) and isinstance(code, str):
+            yield normalise_code(system, code)
+
+
+def concept_matches(concept: Mapping[str, Any] | None, codes: frozenset[tuple[str, str]]) -> bool:
+    return any(pair in codes for pair in codings_of(concept))
+
+
+def match_drug(
+    concept: Mapping[str, Any] | None, groups: tuple[DrugGroup, ...]
+) -> tuple[DrugGroup, str] | None:
+    """The drug group a CodeableConcept names, and how it was recognised (for the card).
+
+    Codes win over names; names are looked for only when no coding matches, in `text` and in
+    each coding's `display`, as whole words so that e.g. "rituximab-abbs" is told apart. Within
+    a group a verified code is named before an unverified one, which is marked as such.
+    """
+    if not isinstance(concept, Mapping):
+        return None
+    pairs = list(codings_of(concept))
+    for group in groups:
+        matched = [pair for pair in pairs if pair in group.codes]
+        if matched:
+            verified = [pair for pair in matched if pair not in group.unverified]
+            system, code = (verified or matched)[0]
+            how = f"{_system_label(system)} {code}"
+            if not verified:
+                how += " (code not verified)"
+            return group, how
+    texts = [concept.get("text")]
+    texts += [c.get("display") for c in objects(concept.get("coding"))]
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            continue
+        for group in groups:
+            if group.name_pattern.search(text):
+                return group, f'name "{text.strip()[:80]}"'
+    return None
+
+
+def _system_label(system: str) -> str:
+    return {
+        "http://www.nlm.nih.gov/research/umls/rxnorm": "RxNorm",
+        "http://www.whocc.no/atc": "ATC",
+    }.get(system, system)
+
+
+@lru_cache(maxsize=1)
+def _shipped() -> dict[str, Any]:
+    text = resources.files("service.clinical").joinpath("data/valuesets.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def _code_set(
+    entries: Iterable[Mapping[str, Any]], extra: Iterable[str]
+) -> frozenset[tuple[str, str]]:
+    pairs = {normalise_code(e["system"], e["code"]) for e in entries}
+    for item in extra:
+        system, _, code = item.partition("|")
+        pairs.add(normalise_code(system, code))
+    return frozenset(pairs)
+
+
+# An FDA biosimilar's nonproprietary name is the core name and a suffix of four lowercase letters.
+_BIOSIMILAR_SUFFIX = r"-[a-z]{4}"
+
+
+def _drug_groups(
+    entries: Iterable[Mapping[str, Any]], extra: Iterable[str], extra_name: str
+) -> tuple[DrugGroup, ...]:
+    groups = []
+    for entry in entries:
+        # Longest names first so "rituximab-abbs" is preferred over its prefix "rituximab".
+        names = sorted(entry["names"], key=len, reverse=True)
+        alternatives = [re.escape(n) for n in names]
+        # "rituximab-xyzz", a biosimilar not listed as a group of its own, is still rituximab;
+        # listed biosimilars are matched first (see the sort below) so the card names them.
+        alternatives += [re.escape(n) + _BIOSIMILAR_SUFFIX for n in entry.get("suffixed_names", ())]
+        pattern = re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
+        unverified = _code_set((e for e in entry["codes"] if not e.get("verified", False)), ())
+        groups.append(DrugGroup(entry["name"], _code_set(entry["codes"], ()), pattern, unverified))
+    # Biosimilars and brands are checked before plain "rituximab" so the card names the product.
+    groups.sort(key=lambda g: g.name == "rituximab")
+    extra_codes = _code_set((), extra)
+    if extra_codes:
+        groups.append(DrugGroup(extra_name, extra_codes, _NEVER))
+    return tuple(groups)
+
+
+_NEVER = re.compile(r"(?!)")
+
+
+def build_terminology(settings: TerminologySettings) -> Terminology:
+    data = _shipped()
+    return Terminology(
+        igm=_code_set(data["igm"], settings.igm_codes),
+        viscosity=_code_set(data["viscosity"], settings.viscosity_codes),
+        wm_conditions=_code_set(data["wm_conditions"], settings.wm_condition_codes),
+        hyperviscosity_conditions=_code_set(
+            data["hyperviscosity_conditions"], settings.hyperviscosity_condition_codes
+        ),
+        anti_cd20=_drug_groups(
+            data["anti_cd20"], settings.anti_cd20_codes, "anti-CD20 antibody (site-configured code)"
+        ),
+        btk_inhibitors=_drug_groups(
+            data["btk_inhibitors"],
+            settings.btk_inhibitor_codes,
+            "BTK inhibitor (site-configured code)",
+        ),
+    )

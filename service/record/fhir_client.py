@@ -1,0 +1,393 @@
+"""Fetch the prefetch data a CDS client did not send, from its own FHIR server.
+
+CDS Hooks 2.0 ("FHIR Resource Access") lets a service run its prefetch queries against
+`fhirServer` with `fhirAuthorization.access_token` as a bearer token. The URL comes from the
+caller, so it is checked first (`service.record.address_policy`), the token only ever goes to the
+fhirServer's own origin, every connection is checked again for the address actually reached, and
+the whole fetch is bounded by one deadline because the client expects an answer in about 500 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NewConnectionError, ReadTimeoutError
+
+# FhirServerRefused is re-exported: it is part of this module's API (gathering catches it).
+from service.record.address_policy import (
+    FhirServerPolicy,
+    FhirServerRefused,
+    forbidden_ip,
+    has_dot_segments,
+    origin_of,
+)
+
+# Bound under this module's name on purpose: tests patch `fhir_client._resolves_to_forbidden`.
+from service.record.address_policy import resolves_to_forbidden as _resolves_to_forbidden
+from service.settings import FhirSettings
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+# A prefetch answer is a few hundred kB at most; this only stops a runaway or hostile server.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
+# RFC 6750 is stricter; visible ASCII is enough to keep the token out of header-injection errors.
+_BEARER_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+@dataclass(frozen=True)
+class FetchOutcome:
+    """The answer to one prefetch query.
+
+    `resource` is a resource for a read, or one searchset Bundle holding the entries of every
+    page for a search. It is None whenever `error` is set, so incomplete data is never used.
+    """
+
+    key: str
+    query: str
+    resource: dict[str, Any] | None = None
+    error: str | None = None
+    status: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _ResolveTimeout(Exception):
+    """The fhirServer name did not resolve before the deadline."""
+
+
+class _FetchError(Exception):
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def _peer_forbidden(address: str) -> bool:  # separate so tests can exercise the connect guard
+    return forbidden_ip(address)
+
+
+class _ForbiddenPeerError(NewConnectionError):
+    """Raised at connect time, so a DNS answer that changed after the server check still cannot
+    reach a metadata service."""
+
+
+def _guard(conn: HTTPConnection, sock: socket.socket) -> socket.socket:
+    if _peer_forbidden(str(sock.getpeername()[0])):
+        sock.close()
+        raise _ForbiddenPeerError(conn, "refused to connect to a link-local or metadata address")
+    return sock
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        return _guard(self, super()._new_conn())
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:  # same guard; HTTPS does not inherit the one above
+        return _guard(self, super()._new_conn())
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _GuardedHTTPPool,
+            "https": _GuardedHTTPSPool,
+        }
+
+
+def _new_session(pool_size: int) -> requests.Session:
+    session = requests.Session()
+    # No proxies or .netrc credentials from the environment: the target URL is client-supplied.
+    session.trust_env = False
+    # Cookies would leak state between requests made for different users of the same server.
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    # Retries would blow the deadline; one attempt, then report the failure.
+    adapter = _GuardedAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class FhirFetcher:
+    """Runs prefetch queries concurrently against a client's FHIR server.
+
+    One instance serves the whole process: its session pools connections and its thread pool
+    lives as long as it does. Call close() when done.
+    """
+
+    def __init__(self, settings: FhirSettings, *, session: requests.Session | None = None) -> None:
+        self._settings = settings
+        self._policy = FhirServerPolicy(settings.allowed_servers)
+        self._owns_session = session is None
+        self._session = session or _new_session(settings.pool_size)
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.pool_size, thread_name_prefix="fhir-fetch"
+        )
+        # getaddrinfo has no timeout of its own; a few threads bound both the wait and the
+        # number of lookups a dead resolver can hold at once.
+        self._resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fhir-dns")
+        self._closed = False
+        if not self._policy.restricted:
+            log.warning(
+                "fhir.allowed_servers is empty: any fhirServer a client sends will be called "
+                "(link-local and cloud metadata addresses are still refused)"
+            )
+
+    def close(self) -> None:
+        self._closed = True
+        # Workers are bounded by the deadline already; do not wait for them here.
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._resolver.shutdown(wait=False, cancel_futures=True)
+        if self._owns_session:
+            self._session.close()
+
+    def check_server(self, fhir_server: str) -> None:
+        """Raise FhirServerRefused unless this service may call `fhir_server`."""
+        try:
+            self._checked_base(fhir_server, time.monotonic() + self._settings.deadline_seconds)
+        except _ResolveTimeout:
+            raise FhirServerRefused("fhirServer name did not resolve in time") from None
+
+    def fetch_all(
+        self, fhir_server: str, access_token: str | None, queries: Mapping[str, str]
+    ) -> dict[str, FetchOutcome]:
+        """Run every query (prefetch key -> relative FHIR URL) within one deadline.
+
+        Raises FhirServerRefused before contacting anything if the server is not acceptable.
+        """
+        if self._closed:
+            raise RuntimeError("FhirFetcher is closed")
+        deadline = time.monotonic() + self._settings.deadline_seconds
+        try:
+            base = self._checked_base(fhir_server, deadline)
+        except _ResolveTimeout:
+            reason = f"{self._deadline_reason()} resolving the FHIR server name"
+            return {key: FetchOutcome(key, query, error=reason) for key, query in queries.items()}
+        if access_token and not _BEARER_TOKEN.fullmatch(access_token):
+            reason = "access token cannot be sent as a bearer token"
+            return {key: FetchOutcome(key, query, error=reason) for key, query in queries.items()}
+        futures = {
+            key: self._executor.submit(self._fetch_one, base, access_token, key, query, deadline)
+            for key, query in queries.items()
+        }
+        wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
+        outcomes: dict[str, FetchOutcome] = {}
+        for key, future in futures.items():
+            if future.done() and not future.cancelled():
+                outcomes[key] = future.result()
+            else:
+                future.cancel()  # frees the queue slot if it never started
+                outcomes[key] = FetchOutcome(key, queries[key], error=self._deadline_reason())
+        failures = [f"{o.key}: {o.error}" for o in outcomes.values() if not o.ok]
+        if failures:  # netloc only: the query holds patient ids, and credentials were refused
+            log.warning("FHIR fetch from %s incomplete: %s", urlsplit(base).netloc, failures)
+        return outcomes
+
+    def _deadline_reason(self) -> str:
+        return f"timed out after {self._settings.deadline_seconds:g} s"
+
+    def _checked_base(self, fhir_server: str, deadline: float) -> str:
+        return self._policy.checked_base(
+            fhir_server, lambda host, port: self._resolves_in_time(host, port, deadline)
+        )
+
+    def _resolves_in_time(self, host: str, port: int | None, deadline: float) -> bool:
+        """_resolves_to_forbidden, given up on at the deadline (raises _ResolveTimeout)."""
+        lookup = self._resolver.submit(_resolves_to_forbidden, host, port)
+        try:
+            return lookup.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:  # concurrent.futures raises the builtin since 3.11
+            lookup.cancel()
+            raise _ResolveTimeout from None
+
+    def _fetch_one(
+        self, base: str, token: str | None, key: str, query: str, deadline: float
+    ) -> FetchOutcome:
+        try:
+            resource, status = self._run_query(base, token, query, deadline)
+        except _FetchError as exc:
+            return FetchOutcome(key, query, error=exc.reason, status=exc.status)
+        except Exception as exc:
+            # The type only: some library messages echo header values, i.e. the token.
+            log.error("unexpected %s fetching prefetch key %s", type(exc).__name__, key)
+            return FetchOutcome(key, query, error="internal error while fetching")
+        return FetchOutcome(key, query, resource=resource, status=status)
+
+    def _run_query(
+        self, base: str, token: str | None, query: str, deadline: float
+    ) -> tuple[dict[str, Any], int]:
+        is_read, resource_type, relative = _classify(query)
+        url = f"{base}/{relative}"
+        if is_read:
+            status, resource = self._get_json(url, base, token, deadline, is_read=True)
+            if resource.get("resourceType") != resource_type:
+                raise _FetchError(f"response is not a {resource_type} resource", status)
+            return resource, status
+        first: dict[str, Any] | None = None
+        entries: list[Any] = []
+        pages = 0
+        while True:
+            status, bundle = self._get_json(url, base, token, deadline, is_read=False)
+            page_entries = bundle.get("entry", [])
+            if bundle.get("resourceType") != "Bundle" or not isinstance(page_entries, list):
+                raise _FetchError(_not_a_bundle(bundle), status)
+            pages += 1
+            first = first or bundle
+            entries.extend(page_entries)
+            next_url = _next_link(bundle)
+            if next_url is None:
+                return _merged(first, entries), status
+            next_url = urljoin(url, next_url)
+            # The token must never travel to, nor data be taken from, another origin.
+            if origin_of(next_url) != origin_of(base):
+                raise _FetchError("next link to another origin not followed", status)
+            if pages >= self._settings.max_pages:
+                raise _FetchError(f"more than {self._settings.max_pages} pages", status)
+            url = next_url
+
+    def _get_json(
+        self, url: str, base: str, token: str | None, deadline: float, *, is_read: bool
+    ) -> tuple[int, dict[str, Any]]:
+        status, body = self._get(url, base, token, deadline)
+        if status in (404, 410) and is_read:
+            raise _FetchError("not found", status)
+        if status in (401, 403):
+            what = "refused the access token" if token else "requires an access token"
+            raise _FetchError(f"FHIR server {what} ({status})", status)
+        if 300 <= status < 400:
+            raise _FetchError(f"FHIR server answered {status}; redirects are not followed", status)
+        if not 200 <= status < 300:
+            raise _FetchError(f"FHIR server answered {status}", status)
+        try:
+            resource = json.loads(body)
+        except ValueError:  # includes UnicodeDecodeError
+            raise _FetchError("response is not JSON", status) from None
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            raise _FetchError("response is not a FHIR resource", status)
+        return status, resource
+
+    def _get(self, url: str, base: str, token: str | None, deadline: float) -> tuple[int, bytes]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _FetchError(self._deadline_reason())
+        headers = {"Accept": FHIR_JSON}
+        if token and origin_of(url) == origin_of(base):
+            headers["Authorization"] = f"Bearer {token}"
+        settings = self._settings
+        # Capped by what is left of the deadline so no worker outlives the call by much.
+        timeout = (
+            min(settings.connect_timeout_seconds, remaining),
+            min(settings.read_timeout_seconds, remaining),
+        )
+        try:
+            with self._session.get(
+                url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
+            ) as response:
+                return response.status_code, _read_body(response, deadline, self._deadline_reason())
+        except requests.Timeout:
+            raise _FetchError(self._timeout_reason(deadline)) from None
+        except requests.ConnectionError as exc:
+            cause = exc.args[0] if exc.args else None
+            if isinstance(cause, ReadTimeoutError):  # a timeout while streaming the body
+                raise _FetchError(self._timeout_reason(deadline)) from None
+            if isinstance(getattr(cause, "reason", None), _ForbiddenPeerError):
+                reason = "FHIR server address is link-local or metadata; not contacted"
+                raise _FetchError(reason) from None
+            raise _FetchError("could not connect to the FHIR server") from None
+        except requests.RequestException:
+            raise _FetchError("request to the FHIR server failed") from None
+
+    def _timeout_reason(self, deadline: float) -> str:
+        if time.monotonic() >= deadline - 0.01:
+            return self._deadline_reason()
+        return "timed out waiting for the FHIR server"
+
+
+def _read_body(response: requests.Response, deadline: float, timed_out: str) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(chunk_size=64 * 1024):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise _FetchError("response is too large", response.status_code)
+        if time.monotonic() > deadline:
+            raise _FetchError(timed_out, response.status_code)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _classify(query: str) -> tuple[bool, str, str]:
+    """(is a read, resource type, relative URL) for a filled-in prefetch query."""
+    if not isinstance(query, str) or any(ord(ch) < 32 or ch == "\x7f" for ch in query):
+        raise _FetchError("query is not a valid FHIR query")
+    parts = urlsplit(query)
+    if parts.scheme or parts.netloc:
+        raise _FetchError("query is not a relative FHIR URL")
+    path = parts.path.strip("/")
+    segments = path.split("/")
+    if not path or "" in segments or has_dot_segments(path):
+        raise _FetchError("query is not a valid FHIR query")
+    if not _RESOURCE_TYPE.fullmatch(segments[0]):
+        raise _FetchError("query does not start with a FHIR resource type")
+    is_read = (len(segments) == 2 and not segments[1].startswith(("$", "_"))) or (
+        len(segments) == 4 and segments[2] == "_history"
+    )
+    relative = f"{path}?{parts.query}" if parts.query else path
+    return is_read, segments[0], relative
+
+
+def _not_a_bundle(resource: dict[str, Any]) -> str:
+    kind = resource.get("resourceType")
+    if isinstance(kind, str) and _RESOURCE_TYPE.fullmatch(kind) and kind != "Bundle":
+        return f"response is not a FHIR Bundle ({kind})"
+    return "response is not a FHIR Bundle"
+
+
+def _links(bundle: dict[str, Any], relation: str) -> list[dict[str, Any]]:
+    links = bundle.get("link")
+    links = links if isinstance(links, list) else []
+    return [x for x in links if isinstance(x, dict) and x.get("relation") == relation]
+
+
+def _next_link(bundle: dict[str, Any]) -> str | None:
+    url = next((x.get("url") for x in _links(bundle, "next")), None)
+    return url if isinstance(url, str) and url else None
+
+
+def _merged(first: dict[str, Any], entries: list[Any]) -> dict[str, Any]:
+    """One searchset Bundle with every page's entries; paging links no longer apply."""
+    bundle = {k: v for k, v in first.items() if k not in ("entry", "link")}
+    if self_links := _links(first, "self"):
+        bundle["link"] = self_links
+    if entries:  # FHIR JSON has no empty arrays
+        bundle["entry"] = entries
+    return bundle

@@ -1,0 +1,180 @@
+"""The nesting check run on every JSON body before parsing: linear time on any body, same answers.
+
+json_nesting_exceeds sees the raw bytes of unauthenticated requests, so its cost must grow
+linearly with the body whatever the body holds. It once found strings with a regex that, on a
+string of escaped quotes left unclosed, retried from every quote: 80 kB took 21 s.
+
+What it answers is pinned two ways: on JSON, against the depth of what the parser returns; on
+any bytes at all (malformed JSON is left to the parser), against that regex, whose cost does not
+matter on short inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.api import middleware
+from service.api.middleware import MAX_JSON_DEPTH, json_nesting_exceeds
+
+HOOK = "/cds-services/rituximab-flare-order-sign"
+# Generous: the check takes tens of milliseconds on these bodies. The quadratic regex took
+# longer than this from 50 kB on (25 kB for some) and nine minutes on 400 kB.
+BOUND_S = 2.0
+# Escaped quotes (or strings) per attack body, doubling up to about 400 kB.
+SIZES = (12_500, 25_000, 50_000, 100_000, 200_000)
+
+ATTACKS: dict[str, Callable[[int], bytes]] = {
+    "unclosed string of escaped quotes": lambda n: b'{"a": "' + b'\\"' * n,
+    "closed string of escaped quotes": lambda n: b'{"a": "' + b'\\"' * n + b'"}',
+    "escaped quotes and brackets, unclosed": lambda n: b'{"a": ["' + b'\\"[{' * n,
+    "escaped backslashes before quotes": lambda n: b'["' + b'\\\\\\"' * n,
+    "an escaped quote per string": lambda n: b"[" + b'"\\"",' * n + b'""]',
+    # A backslash outside strings (never JSON): a quote right after it opens a string.
+    "stray backslash, then escaped quotes": lambda n: b'\\"' * n,
+    "stray backslash, then strings": lambda n: b'\\[""' + b',""' * n + b"]",
+    "stray backslash, then strings of escaped quotes": lambda n: b"\\" + b'"\\""' * n,
+}
+
+
+# -- the reference: the old regex, and the depth of the parsed value ---------------------------
+
+_REFERENCE_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_OBJECTS_AS_ARRAYS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def reference_shape(raw: bytes) -> bytes:
+    """Brackets outside strings, objects as arrays, as the check found them with one regex."""
+    return _REFERENCE_STRING.sub(b"", raw).translate(_OBJECTS_AS_ARRAYS, _NOT_BRACKETS)
+
+
+def depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    return 0
+
+
+# Strings made of what can confuse a scan for where strings end: quotes, backslashes (both
+# escaped once serialized), brackets, and a few plain and non-ASCII characters.
+TRICKY_TEXT = st.text(alphabet=st.sampled_from('"\\[]{}a \n/é€'), max_size=12)
+TEXT = TRICKY_TEXT | st.text(max_size=6)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | TEXT
+)
+JSON_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+    max_leaves=30,
+)
+DUMPS_OPTIONS = st.sampled_from(
+    [{}, {"ensure_ascii": False}, {"indent": 1}, {"separators": (",", ":")}]
+)
+# Pieces of text that is mostly not JSON: unclosed strings, stray and doubled backslashes.
+PIECES = st.sampled_from(
+    [b'"', b"\\", b"[", b"]", b"{", b"}", b'\\"', b"\\\\", b"a", b" ", b"'", b"\x01", b"\n"]
+)
+NOT_QUITE_JSON = st.lists(PIECES, max_size=40).map(b"".join)
+FUZZ = settings(
+    max_examples=600, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+FUZZ_DEEP = settings(FUZZ, max_examples=100)  # each example draws a hundred wrappers
+
+
+# -- 1. linear time ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_the_check_takes_linear_time_on_attack_bodies(attack: str) -> None:
+    # Doubling sizes: a regression fails on the first in seconds, not on the last in minutes.
+    for n in SIZES:
+        raw = ATTACKS[attack](n)
+        started = time.perf_counter()
+        json_nesting_exceeds(raw, MAX_JSON_DEPTH)
+        elapsed = time.perf_counter() - started
+        assert elapsed < BOUND_S, (attack, len(raw), f"{elapsed:.2f} s")
+
+
+@pytest.mark.parametrize("n", [50_000, 200_000])  # 100 kB first: a regression fails sooner
+def test_an_attack_body_is_answered_fast_and_never_500(client: Any, n: int) -> None:
+    bodies = {
+        "unclosed": (b'{"a": "' + b'\\"' * n, "invalid_json"),
+        "closed": (b'{"a": "' + b'\\"' * n + b'"}', "invalid_request"),
+        "closed, with brackets": (b'{"a": ["' + b'\\"[{' * n + b'"]}', "invalid_request"),
+    }
+    for name, (raw, error) in bodies.items():
+        started = time.perf_counter()
+        response = client.post(HOOK, data=raw, content_type="application/json")
+        elapsed = time.perf_counter() - started
+        assert response.status_code == 400, (name, response.get_data(as_text=True)[:300])
+        assert response.get_json()["error"] == error, name
+        assert elapsed < BOUND_S, (name, f"{elapsed:.2f} s")
+
+
+def test_deep_nesting_behind_escaped_quotes_is_still_found(client: Any) -> None:
+    deep = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+    raw = '{"a": "' + '\\"' * 50_000 + '", "b": ' + deep + "}"
+    assert json_nesting_exceeds(raw.encode(), MAX_JSON_DEPTH)
+    response = client.post(HOOK, data=raw, content_type="application/json")
+    assert response.status_code == 400
+    assert "more than" in response.get_json()["message"]
+
+
+# -- 2. the same answers -------------------------------------------------------------------
+
+
+@FUZZ
+@given(value=JSON_VALUES, options=DUMPS_OPTIONS)
+def test_on_json_the_check_agrees_with_the_parsed_depth(value: Any, options: Any) -> None:
+    raw = json.dumps(value, **options).encode()
+    actual = depth(json.loads(raw))
+    for limit in range(actual + 2):
+        assert json_nesting_exceeds(raw, limit) == (actual > limit), (raw, limit)
+
+
+@FUZZ_DEEP
+@given(value=JSON_VALUES, wrappers=st.lists(TEXT | st.none(), min_size=95, max_size=105))
+def test_around_the_limit_the_check_agrees_with_the_parsed_depth(
+    value: Any, wrappers: list[str | None]
+) -> None:
+    # Nested to about MAX_JSON_DEPTH: arrays (None), or objects under keys full of quotes.
+    for key in wrappers:
+        value = [value] if key is None else {key: value, "\\": '"]'}
+    raw = json.dumps(value).encode()
+    expected = depth(json.loads(raw)) > MAX_JSON_DEPTH
+    assert json_nesting_exceeds(raw, MAX_JSON_DEPTH) == expected
+
+
+@FUZZ
+@given(raw=NOT_QUITE_JSON)
+def test_on_any_bytes_the_check_finds_the_brackets_the_regex_found(raw: bytes) -> None:
+    expected = reference_shape(raw)
+    assert middleware._bracket_shape(raw) == expected
+    # The path for a backslash outside strings, on every input, not only those it gets.
+    assert middleware._bracket_shape_scanned(raw) == expected
+
+
+@FUZZ
+@given(value=JSON_VALUES, cut=st.integers(min_value=0), stray=st.sampled_from([b"", b"\\"]))
+def test_on_broken_json_the_check_finds_the_brackets_the_regex_found(
+    value: Any, cut: int, stray: bytes
+) -> None:
+    # Real JSON cut short (strings left unclosed), perhaps after a stray backslash.
+    raw = json.dumps(value).encode()
+    raw = stray + raw[: cut % (len(raw) + 1)]
+    expected = reference_shape(raw)
+    assert middleware._bracket_shape(raw) == expected
+    assert middleware._bracket_shape_scanned(raw) == expected

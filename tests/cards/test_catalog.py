@@ -1,0 +1,66 @@
+"""Card text files: every finding has one, each loads, cites known sources and fills cleanly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.cards.catalog import PROJECT_CARDS, CardCatalogError, load_catalog
+
+FINDINGS = {
+    "hyperviscosity",
+    "igm-high",
+    "igm-missing",
+    "igm-below-threshold",
+    "flare",
+    "flare-hyperviscosity",
+    "flare-baseline-missing",
+    "btk-rebound",
+}
+
+
+def test_every_finding_has_a_versioned_card_with_sources() -> None:
+    catalog = load_catalog()
+    assert set(catalog) == FINDINGS
+    for card in catalog.values():
+        assert card.version and card.sources and card.title
+        assert all(reason["display"] for reason in card.override_reasons)
+
+
+def _copy_cards(tmp_path: Path) -> Path:
+    for path in PROJECT_CARDS.glob("*.toml"):
+        (tmp_path / path.name).write_text(path.read_text("utf-8"), "utf-8")
+    return tmp_path
+
+
+def test_unknown_source_is_refused(tmp_path: Path) -> None:
+    folder = _copy_cards(tmp_path)
+    card = folder / "flare.toml"
+    card.write_text(card.read_text().replace('"ghobrial-2004"', '"nobody-2020"'))
+    with pytest.raises(CardCatalogError, match="unknown source"):
+        load_catalog(folder)
+
+
+def test_missing_field_is_refused(tmp_path: Path) -> None:
+    folder = _copy_cards(tmp_path)
+    card = folder / "igm-high.toml"
+    card.write_text(card.read_text().replace('version = "1.0.0"\n', ""))
+    with pytest.raises(CardCatalogError, match="missing version"):
+        load_catalog(folder)
+
+
+def test_site_can_reword_a_card(tmp_path: Path) -> None:
+    from service import create_app
+    from tests.conftest import FIXTURE_NOW, load_fixture, post_hook, test_settings
+
+    (tmp_path / "cards").mkdir()
+    folder = _copy_cards(tmp_path / "cards")
+    card = folder / "igm-high.toml"
+    card.write_text(card.read_text().replace("IgM flare risk:", "Local wording:"))
+    settings = test_settings(tmp_path, cards={"directory": str(folder)})
+    client = create_app(settings, clock=lambda: FIXTURE_NOW).test_client()
+    [result] = post_hook(client, load_fixture("order-sign/wm-igm-4500-rituximab")).get_json()[
+        "cards"
+    ]
+    assert result["summary"].startswith("Local wording:")
