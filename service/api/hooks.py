@@ -6,8 +6,9 @@ patient data at all, so it costs no FHIR query and cannot fail for want of one.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from service.cards.order_cards import render_order_card
 from service.clinical.fhir_values import UnreadableData
 from service.clinical.followup import assess_followup
 from service.clinical.order_risk import assess_orders
-from service.clinical.orders import find_drug_orders
+from service.clinical.orders import DrugOrder, find_drug_orders
 from service.record.definitions import ORDER_SELECT, PATIENT_VIEW, ServiceDefinition
 from service.record.gathering import DataUnavailable, gather_record
 
@@ -28,6 +29,8 @@ REQUEST_SCHEMAS = {
     "order-sign": "OrderSignRequest",
     "patient-view": "PatientViewRequest",
 }
+log = logging.getLogger(__name__)
+
 # FHIR id syntax; also catches the common "Patient/123" double prefix in patientId.
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
@@ -83,8 +86,9 @@ def run_hook(
         else:
             selections = context.get("selections") if definition.id == ORDER_SELECT else None
             orders = find_drug_orders(
-                context["draftOrders"], runtime.terminology.anti_cd20, selections
+                context["draftOrders"], runtime.terminology.anti_cd20, selections, patient_id
             )
+            log_deviations(definition.id, orders)
             cards = []
             if orders:
                 record = gather_record(body, definition, runtime.fetcher)
@@ -104,3 +108,19 @@ def run_hook(
             missing=[m.as_json() for m in exc.missing],
         ) from None
     return HookResult(cards, patient_id, str(body.get("hookInstance", "")))
+
+
+def log_deviations(service_id: str, orders: Sequence[DrugOrder]) -> None:
+    """One log line per tolerated FHIR deviation: where and what, never the value or patient."""
+    for order in orders:
+        for deviation in order.deviations:
+            log.warning(
+                "tolerated a FHIR deviation in a draft order",
+                extra={
+                    "event": "fhir_deviation",
+                    "service": service_id,
+                    "fhir_version": order.fhir_version,
+                    "path": deviation.location,
+                    "problem": deviation.problem,
+                },
+            )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.cards.catalog import CardTemplate
+from service.cards.markdown import Markdown, inline
 from service.settings import CardSettings, RulesSettings
 
 SUMMARY_LIMIT = 139  # the spec: "<140 characters"
@@ -37,6 +38,11 @@ class SuggestionSpec:
 def shorten(text: str, limit: int = SUMMARY_LIMIT) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def as_markdown(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` for a Markdown template: plain text escaped, `Markdown` kept as written."""
+    return {k: v if isinstance(v, Markdown) else inline(v) for k, v in values.items()}
 
 
 class CardBuilder:
@@ -67,9 +73,10 @@ class CardBuilder:
             "baseline_max_age_days": str(rules.baseline_max_age_days),
         }
 
-    def fragment(self, finding: str, name: str, values: Mapping[str, Any]) -> str:
+    def fragment(self, finding: str, name: str, values: Mapping[str, Any]) -> Markdown:
+        """A named fragment of a card's Markdown, filled with `values` escaped as for detail."""
         template = self.catalog[finding]
-        return template.fill(template.fragments[name], values)
+        return Markdown(template.fill(template.fragments[name], as_markdown(values)))
 
     def build(
         self,
@@ -84,7 +91,10 @@ class CardBuilder:
         if isinstance(filled.get("drug"), str) and filled["drug"]:
             # For sentences that begin with the drug's name.
             filled["Drug"] = filled["drug"][0].upper() + filled["drug"][1:]
-        detail = template.fill(template.detail, filled) + "\n\n" + self._footer(template)
+        # Summary and labels are plain text; detail is Markdown, so plain values are escaped there.
+        detail = (
+            template.fill(template.detail, as_markdown(filled)) + "\n\n" + self._footer(template)
+        )
         card: dict[str, Any] = {
             "uuid": self.new_uuid(),
             "summary": shorten(template.fill(template.summary, filled)),

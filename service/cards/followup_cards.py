@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.cards.builder import CardBuilder, RenderedCard, SuggestionSpec
-from service.cards.markdown import day, mg_dl, table
+from service.cards.markdown import Markdown, day, inline, mg_dl, table
 from service.cards.suggestions import create_action, plasmapheresis_request
 from service.clinical.followup import (
     BTK_REBOUND,
@@ -19,7 +19,7 @@ def _weeks(finding: FollowupFinding, when: Any) -> str:
     return f"{(when - finding.start).days / 7:.1f}"
 
 
-def series_table(finding: FollowupFinding) -> str:
+def series_table(finding: FollowupFinding) -> Markdown:
     since = "Weeks since hold" if finding.kind == BTK_REBOUND else "Weeks since first dose"
     rows = []
     for reading in finding.series:
@@ -48,10 +48,10 @@ def series_table(finding: FollowupFinding) -> str:
         "Serum IgM, usable results only (final, amended or corrected; converted to mg/dL):"
     )
     headers = ("Date", "As reported", "mg/dL", "Change from baseline", since, "Record")
-    return caption + "\n\n" + table(headers, rows)
+    return Markdown(inline(caption) + "\n\n" + table(headers, rows))
 
 
-def hyperviscosity_table(finding: FollowupFinding) -> str:
+def hyperviscosity_table(finding: FollowupFinding) -> Markdown:
     rows = []
     if finding.viscosity is not None:
         v = finding.viscosity
@@ -99,7 +99,7 @@ def render_followup_card(
         values["hyperviscosity_note"] = (
             builder.fragment(finding.kind, "hyperviscosity_note", values)
             if finding.hyperviscosity
-            else ""
+            else Markdown("")
         )
     suggestions = []
     if finding.hyperviscosity:

@@ -1,9 +1,40 @@
-"""Small Markdown helpers for card detail: tables whose cells cannot break the layout."""
+"""Card detail is CommonMark with GitHub's extensions: values put into it must render as written.
+
+Text from the client or the laboratory (a diagnosis display, a unit, a value as reported) is
+escaped by `inline`, so it renders as exactly those characters: no emphasis, link, autolink, HTML,
+table break, heading, list or block quote can be formed from it. Text that is already Markdown (a
+table, a filled fragment of a card template) is marked `Markdown` and inserted as it is.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+
+
+class Markdown(str):
+    """Text already written as Markdown; the card builder inserts it without escaping."""
+
+
+# Inline punctuation with a meaning in CommonMark or GFM: emphasis, code, links and footnotes,
+# HTML and autolinks, tables, strikethrough, entities, and headings.
+_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#])")
+# GFM turns bare URLs, www. addresses and e-mail addresses into links; an escape inside breaks it.
+_AUTOLINK = re.compile(r"(?<=[A-Za-z0-9])(:)(?=//)|(?<=www)(\.)|(@)", re.IGNORECASE)
+# At the start of a line: a list item, a numbered item, a thematic break or setext underline
+# ("-5" or "4.2" start no list: a marker must be followed by a space).
+_LINE_START = re.compile(r"^([-+=])(?=\s|$|[-+=])|^(\d{1,9})([.)])(?=\s|$)")
+
+
+def inline(value: object) -> str:
+    """Untrusted text, on one line, that renders in running Markdown as exactly that text."""
+    text = " ".join(str(value).split())
+    text = _SPECIAL.sub(r"\\\1", text)
+    text = _AUTOLINK.sub(lambda m: "\\" + m.group(0), text)
+    return _LINE_START.sub(
+        lambda m: f"\\{m.group(1)}" if m.group(1) else rf"{m.group(2)}\{m.group(3)}", text
+    )
 
 
 def cell(value: object) -> str:
@@ -11,23 +42,13 @@ def cell(value: object) -> str:
     return "" if value is None else inline(value)
 
 
-def inline(value: object) -> str:
-    """Untrusted text (a diagnosis display, a unit) safe in running Markdown: no links, images,
-    HTML or emphasis can be formed from it."""
-    text = " ".join(str(value).split())
-    # With brackets escaped no link or image can form, so "(" and "!" may stay readable.
-    for char in "\\`*_[]<>|":
-        text = text.replace(char, "\\" + char)
-    return text
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Markdown:
     lines = [
         "| " + " | ".join(cell(h) for h in headers) + " |",
         "|" + "|".join("---" for _ in headers) + "|",
     ]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return Markdown("\n".join(lines))
 
 
 def day(when: datetime | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.cards.builder import CardBuilder, RenderedCard, SuggestionSpec
-from service.cards.markdown import day, inline, mg_dl, table
+from service.cards.markdown import Markdown, day, inline, mg_dl, table
 from service.cards.suggestions import (
     create_action,
     delete_action,
@@ -27,7 +27,7 @@ def drug_names(finding: OrderRiskFinding) -> str:
     return ", ".join(dict.fromkeys(order.drug for order in finding.orders))
 
 
-def data_table(finding: OrderRiskFinding, rules: RulesSettings) -> str:
+def data_table(finding: OrderRiskFinding, rules: RulesSettings) -> Markdown:
     rows: list[tuple[Any, ...]] = []
     igm = finding.latest_igm
     if igm is not None:
@@ -124,13 +124,14 @@ def _evidence_short(finding: OrderRiskFinding) -> str:
     return f"active diagnosis {cond.code}"
 
 
-def _last_known_note(finding: OrderRiskFinding) -> str:
+def _last_known_note(finding: OrderRiskFinding) -> Markdown:
     old = finding.last_known_igm
     notes = []
     if old is not None:
         notes.append(
             f"The last usable serum IgM was **{mg_dl(old.normalised)} mg/dL** "
-            f"({old.reported}) on {day(old.effective)} (Observation/{old.observation_id})."
+            f"({inline(old.reported)}) on {day(old.effective)} "
+            f"(Observation/{inline(old.observation_id)})."
         )
     else:
         notes.append("No usable serum IgM is on record.")
@@ -139,17 +140,17 @@ def _last_known_note(finding: OrderRiskFinding) -> str:
             "Newer results could not be used; the table says why for each. They were not "
             "guessed at."
         )
-    return " ".join(notes)
+    return Markdown(" ".join(notes))
 
 
-def _igm_note(finding: OrderRiskFinding, rules: RulesSettings) -> str:
+def _igm_note(finding: OrderRiskFinding, rules: RulesSettings) -> Markdown:
     igm = finding.latest_igm
     if igm is None:
-        return (
+        return Markdown(
             f"- There is no usable serum IgM from the last {rules.igm_lookback_days} days: "
             "order serum IgM and viscosity.\n"
         )
-    return f"- Latest serum IgM: {mg_dl(igm.normalised)} mg/dL on {day(igm.effective)}.\n"
+    return Markdown(f"- Latest serum IgM: {mg_dl(igm.normalised)} mg/dL on {day(igm.effective)}.\n")
 
 
 def render_order_card(
@@ -162,7 +163,7 @@ def render_order_card(
         "drug": drug,
         "igm_mg_dl": mg_dl(igm.normalised) if igm else "unknown",
         "igm_date": day(igm.effective) if igm else "no date",
-        "scope_reason": inline(finding.scope_reason),
+        "scope_reason": finding.scope_reason,
         "data_table": data_table(finding, rules),
     }
     if finding.kind == HYPERVISCOSITY:
@@ -172,7 +173,7 @@ def render_order_card(
         values["very_high_note"] = (
             builder.fragment(IGM_HIGH, "very_high_note", builder.common_values())
             if finding.very_high
-            else ""
+            else Markdown("")
         )
     if finding.kind == IGM_MISSING:
         values["last_known_note"] = _last_known_note(finding)

@@ -2,9 +2,12 @@
 
 Orders arrive in several shapes: R4 MedicationRequest (the target), STU3 MedicationRequest and
 DSTU2 MedicationOrder (the public sandbox's defaults), and R5's `medication` CodeableReference.
-The order a warning is about is checked against its version's FHIR model, so a broken entry is
-reported by position rather than half-read; an order that looks R4 but is valid only as STU3 (the
-sandbox omits STU3's marker fields) is read as STU3.
+The order a warning is about is checked against its version's FHIR model. Only the fields the
+rules read (type, id, status, intent, medication, subject) must be readable: a broken one is a 400
+naming the entry. A deviation anywhere else (wrong cardinality, a field from another FHIR version,
+an unknown extension shape) is tolerated and returned as a `Deviation`, path and problem only, so
+it can be logged without the value. An order that looks R4 but is valid only as STU3 (the sandbox
+omits STU3's marker fields) is read as STU3.
 """
 
 from __future__ import annotations
@@ -20,6 +23,31 @@ from service.clinical.fhir_values import UnreadableData, field, objects
 from service.clinical.terminology import DrugGroup, match_drug
 
 MEDICATION_ORDER_TYPES = frozenset({"MedicationRequest", "MedicationOrder"})
+
+
+# The fields the rules read from a draft order. A flaw in one of these stops the assessment; a
+# flaw anywhere else does not. `patient` is DSTU2's name for `subject`.
+READ_FIELDS = frozenset(
+    {
+        "resourceType",
+        "id",
+        "status",
+        "intent",
+        "medicationCodeableConcept",
+        "medicationReference",
+        "medication",
+        "subject",
+        "patient",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """A tolerated departure from the FHIR model: where it is and what is wrong, never the value."""
+
+    location: str
+    problem: str
 
 
 class DraftOrderError(UnreadableData):
@@ -39,6 +67,7 @@ class DrugOrder:
     drug: str
     matched_by: str
     fhir_version: str
+    deviations: tuple[Deviation, ...] = ()
 
 
 def _version_of(resource: Mapping[str, Any]) -> str:
@@ -55,24 +84,37 @@ def _version_of(resource: Mapping[str, Any]) -> str:
     return "R4"
 
 
-def _problems(resource: Mapping[str, Any], version: str) -> str | None:
-    """Why `resource` is not a valid FHIR `version` MedicationRequest, or None when it is."""
+@dataclass(frozen=True)
+class _ModelProblem:
+    path: tuple[str | int, ...]
+    problem: str
+
+
+def _problems(resource: Mapping[str, Any], version: str) -> list[_ModelProblem]:
+    """Why `resource` is not a valid FHIR `version` MedicationRequest (empty when it is)."""
     model = _model_class("MedicationRequest", version)
     try:
         model.model_validate(resource)
     except ValidationError as exc:
-        return "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(resource)'}: {err['msg']}"
-            for err in exc.errors()[:3]
-        )
+        return [_ModelProblem(tuple(err["loc"]), _describe(err)) for err in exc.errors()]
     except (KeyError, TypeError, ValueError):
         # fhir.resources looks up the model of each contained resource by its resourceType and
         # fails outside pydantic when the type is unknown (KeyError) or not a string (TypeError).
-        return _contained_type_problem(resource.get("contained"), version)
-    return None
+        return [_ModelProblem(("contained",), _contained_type_problem(resource, version))]
+    return []
 
 
-def _contained_type_problem(contained: Any, version: str) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
+    # Pydantic's own messages name the expected shape, not the input; messages from custom
+    # validators may quote the value, so they are reduced to their kind.
+    kind = str(error.get("type", ""))
+    if kind.startswith("value_error") or kind.startswith("assertion_error"):
+        return "invalid value"
+    return str(error.get("msg", kind))[:120]
+
+
+def _contained_type_problem(resource: Mapping[str, Any], version: str) -> str:
+    contained = resource.get("contained")
     if isinstance(contained, Sequence) and not isinstance(contained, str):
         for index, item in enumerate(contained):
             if not isinstance(item, Mapping) or "resourceType" not in item:
@@ -102,23 +144,48 @@ def _model_class(resource_type: str, version: str) -> Any:
         return None
 
 
-def _validate(resource: Mapping[str, Any], version: str, location: str) -> str:
-    """The FHIR version `resource` is valid in (`version`, or STU3 for an unmarked STU3 order).
+def _validate(
+    resource: Mapping[str, Any], version: str, location: str
+) -> tuple[str, tuple[Deviation, ...]]:
+    """The FHIR version `resource` is read as, and the deviations tolerated in it.
 
     STU3 orders need not carry an STU3-only field (the public sandbox's drafts have no
     `context`, `definition` or `requester.agent`), so an order read as R4 that R4 refuses but
-    STU3 accepts (e.g. `dosageInstruction[].doseQuantity`) is STU3. Raises DraftOrderError with
-    the problems found against `version` when neither accepts it.
+    STU3 accepts (e.g. `dosageInstruction[].doseQuantity`) is STU3. Otherwise the problems found
+    against `version` are split: one in a field the rules read raises DraftOrderError; the rest
+    are returned as deviations. A required field that is absent is a deviation too: the rules
+    do without it, and only a value that is present and unreadable is refused.
     """
     if version == "DSTU2":
-        return version  # no DSTU2 models ship with fhir.resources; the fields read were checked
+        return version, ()  # no DSTU2 models ship with fhir.resources; the fields read were checked
     problems = _problems(resource, version)
-    if problems is None:
-        return version
+    if not problems:
+        return version, ()
     if version == "R4" and resource.get("resourceType") == "MedicationRequest":
-        if _problems(resource, "STU3") is None:
-            return "STU3"
-    raise DraftOrderError(location, f"not a valid FHIR {version} MedicationRequest ({problems})")
+        if not _problems(resource, "STU3"):
+            return "STU3", ()
+    fatal = [
+        p for p in problems if (not p.path or p.path[0] in READ_FIELDS) and not _absent(p, resource)
+    ]
+    if fatal:
+        described = "; ".join(f"{_dotted(p.path) or '(resource)'}: {p.problem}" for p in fatal[:3])
+        raise DraftOrderError(
+            location, f"not a valid FHIR {version} MedicationRequest ({described})"
+        )
+    return version, tuple(
+        Deviation(f"{location}.resource.{_dotted(p.path)}", p.problem) for p in problems
+    )
+
+
+def _absent(problem: _ModelProblem, resource: Mapping[str, Any]) -> bool:
+    return len(problem.path) == 1 and problem.path[0] not in resource
+
+
+def _dotted(path: Sequence[str | int]) -> str:
+    text = ""
+    for step in path:
+        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else str(step))
+    return text
 
 
 _MEDICATION_FIELDS = {
@@ -130,14 +197,13 @@ _MEDICATION_FIELDS = {
 
 
 def _check_medication_fields(resource: Mapping[str, Any], version: str, location: str) -> None:
-    """The medication of every order must be readable: an unreadable one is a 400, not "none"."""
-    present = [name for name in _MEDICATION_FIELDS[version] if name in resource]
-    if not present:
-        raise DraftOrderError(
-            location, f"FHIR {version} {resource.get('resourceType')} has no medication"
-        )
-    for name in present:
-        if not isinstance(resource[name], Mapping):
+    """A medication that is present must be readable: an unreadable one is a 400, not "none".
+
+    No medication at all is an order still being written (the sandbox sends one as soon as its
+    order screen opens): it names no anti-CD20 antibody, so it simply gets no card.
+    """
+    for name in _MEDICATION_FIELDS[version]:
+        if name in resource and not isinstance(resource[name], Mapping):
             raise DraftOrderError(location, f"{name} must be an object")
 
 
@@ -191,8 +257,13 @@ def find_drug_orders(
     draft_orders: Mapping[str, Any],
     groups: tuple[DrugGroup, ...],
     selections: Sequence[str] | None = None,
+    patient_id: str | None = None,
 ) -> list[DrugOrder]:
-    """The draft medication orders (all, or only the selected ones) for drugs in `groups`."""
+    """The draft medication orders (all, or only the selected ones) for drugs in `groups`.
+
+    With `patient_id`, an order for a drug in `groups` whose subject is another patient is
+    refused: advice about one patient must never be computed from another's order.
+    """
     entries = draft_orders.get("entry") or []
     medications: dict[str, Mapping[str, Any]] = {}
     for entry in entries:
@@ -227,9 +298,10 @@ def find_drug_orders(
                 # The order the advice is about is checked whole against its version's model;
                 # other orders only for the fields read, so a flaw in an unrelated order can
                 # neither hide nor block the warning.
-                version = _validate(resource, version, location)
+                version, deviations = _validate(resource, version, location)
+                _check_patient(resource, patient_id, location)
                 group, how = match
-                found.append(DrugOrder(reference, group.name, how, version))
+                found.append(DrugOrder(reference, group.name, how, version, deviations))
                 break
     if wanted is not None:
         missing = sorted(wanted - seen)
@@ -238,6 +310,18 @@ def find_drug_orders(
                 "context.selections", f"{', '.join(missing)} not found in context.draftOrders"
             )
     return found
+
+
+def _check_patient(resource: Mapping[str, Any], patient_id: str | None, location: str) -> None:
+    subject = resource.get("subject", resource.get("patient"))
+    reference = subject.get("reference") if isinstance(subject, Mapping) else None
+    if patient_id is None or not isinstance(reference, str):
+        return
+    parts = reference.rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1] != patient_id:
+        raise DraftOrderError(
+            location, "the order's subject is another patient, not context.patientId"
+        )
 
 
 # A typical R4 draft order: coded medication, contained Medication, dosage with timing, route

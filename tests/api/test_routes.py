@@ -145,10 +145,36 @@ def test_invalid_fhir_draft_order_names_the_entry(client: Any) -> None:
     body = copy.deepcopy(load_fixture("order-sign/wm-igm-4500-rituximab"))
     entries = body["context"]["draftOrders"]["entry"]
     index = next(i for i, e in enumerate(entries) if "rituximab" in json.dumps(e).lower())
-    entries[index]["resource"]["dosageInstruction"] = "twice"  # must be a list of Dosage
+    entries[index]["resource"]["subject"] = "Patient/x"  # read by the rules; must be a Reference
     error = _error(post_hook(client, body), 400, "invalid_fhir")
     assert error["details"][0]["location"] == f"context.draftOrders.entry[{index}]"
-    assert "dosageInstruction" in error["message"]
+    assert "subject" in error["message"]
+
+
+def test_a_flaw_in_a_field_the_rules_do_not_read_still_gets_the_warning(
+    client: Any, caplog: Any
+) -> None:
+    body = copy.deepcopy(load_fixture("order-sign/wm-igm-4500-rituximab"))
+    entries = body["context"]["draftOrders"]["entry"]
+    index = next(i for i, e in enumerate(entries) if "rituximab" in json.dumps(e).lower())
+    entries[index]["resource"]["dosageInstruction"] = "twice"  # must be a list of Dosage
+    with caplog.at_level("WARNING", logger="service.api.hooks"):
+        answer = post_hook(client, body)
+    assert answer.status_code == 200
+    assert [c["indicator"] for c in answer.get_json()["cards"]] == ["warning"]
+    [logged] = [r for r in caplog.records if getattr(r, "event", "") == "fhir_deviation"]
+    assert logged.path == f"context.draftOrders.entry[{index}].resource.dosageInstruction"
+    assert "twice" not in logged.getMessage() + logged.problem
+
+
+def test_a_draft_order_for_another_patient_is_refused(client: Any) -> None:
+    body = copy.deepcopy(load_fixture("order-sign/wm-igm-4500-rituximab"))
+    entries = body["context"]["draftOrders"]["entry"]
+    index = next(i for i, e in enumerate(entries) if "rituximab" in json.dumps(e).lower())
+    entries[index]["resource"]["subject"] = {"reference": "Patient/somebody-else"}
+    error = _error(post_hook(client, body), 400, "invalid_fhir")
+    assert error["details"][0]["location"] == f"context.draftOrders.entry[{index}]"
+    assert "another patient" in error["message"]
 
 
 def test_invalid_json_and_non_object_bodies(client: Any) -> None:

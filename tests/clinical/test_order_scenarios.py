@@ -175,6 +175,32 @@ EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = 
         ("plasmapheresis", "delete"),
     ),
     "order-select/wm-rituximab-not-selected": (None, "", (), ()),
+    # The public CDS Hooks sandbox's own request shapes (see fhir_fixtures/README.md).
+    "order-sign/sandbox-r4-rituximab": (
+        "warning",
+        "igm-high",
+        ("4,500", "RxNorm 121191", "MedicationRequest/request-123"),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-select/sandbox-r4-rituximab-selected": (
+        "warning",
+        "igm-high",
+        ("4,500", "MedicationRequest/request-123"),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-select/sandbox-r4-empty-draft": (None, "", (), ()),
+    "order-sign/sandbox-stu3-rituximab": (
+        "warning",
+        "igm-high",
+        ("4,500", "FHIR STU3"),
+        ("plasmapheresis", "delete"),
+    ),
+    "order-sign/sandbox-dstu2-rituximab": (
+        "warning",
+        "igm-high",
+        ("4,500", "FHIR DSTU2", "MedicationOrder/order-123"),
+        ("plasmapheresis", "delete"),
+    ),
 }
 
 
@@ -288,3 +314,24 @@ def test_untrusted_text_cannot_form_links_in_the_card(client: Any) -> None:
     assert re.search(r"(?<!\\)\[x(?<!\\)\]\(", card["detail"]) is None
     assert re.search(r"(?<!\\)<img", card["detail"]) is None
     assert "\\[x\\]" in card["detail"]  # the text itself is still shown
+
+
+def test_sandbox_r4_draft_logs_each_tolerated_deviation_without_values(
+    client: Any, caplog: Any
+) -> None:
+    body = load_fixture("order-sign/sandbox-r4-rituximab")
+    with caplog.at_level("WARNING", logger="service.api.hooks"):
+        answer = post_hook(client, body)
+    assert answer.status_code == 200 and answer.get_json()["cards"][0]["indicator"] == "warning"
+    logged = [r for r in caplog.records if getattr(r, "event", "") == "fhir_deviation"]
+    paths = sorted(r.path for r in logged)
+    # STU3's single category and reason inside an otherwise-R4 draft.
+    assert paths == [
+        "context.draftOrders.entry[0].resource.category",
+        "context.draftOrders.entry[0].resource.reasonCode",
+    ]
+    patient = body["context"]["patientId"]
+    for record in logged:
+        line = caplog.handler.format(record) + " ".join(str(v) for v in vars(record).values())
+        assert patient not in line
+        assert "community" not in line and "C88.0" not in line  # no value from the order

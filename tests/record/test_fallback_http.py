@@ -41,7 +41,11 @@ RELAXED_FHIR = {
     "deadline_seconds": 3.0,
 }
 # Order scenarios with no anti-CD20 order: the service must not need any patient data.
-NO_ANTI_CD20 = ("order-select/wm-rituximab-not-selected", "order-sign/wm-no-anti-cd20-ordered")
+NO_ANTI_CD20 = (
+    "order-select/wm-rituximab-not-selected",
+    "order-sign/wm-no-anti-cd20-ordered",
+    "order-select/sandbox-r4-empty-draft",
+)
 PARTIAL_SCENARIOS = (
     "order-sign/wm-igm-4500-rituximab",
     "order-sign/wm-hyperviscosity-condition",
