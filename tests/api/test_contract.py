@@ -1,0 +1,75 @@
+"""The fast contract check (jsonschema-rs) never accepts what the Python validator refuses."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.api.contract import Contract
+from service.api.hooks import REQUEST_SCHEMAS
+from tests.conftest import all_fixture_names, load_fixture
+
+CONTRACT = Contract()
+FIXTURES = [load_fixture(name) for name in all_fixture_names()]
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.sampled_from(["", "Patient/1", "not-a-uuid", "http://x", "2026-11-20T12:00:00Z"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = (), depth: int = 0) -> list[tuple[Any, ...]]:
+    """Every place in a request above the FHIR content, which the service parses itself."""
+    out = [prefix] if prefix else []
+    if depth >= 5 or (prefix and prefix[0] == "prefetch" and len(prefix) > 1):
+        return out
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out += _paths(item, (*prefix, key), depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value[:2]):
+            out += _paths(item, (*prefix, index), depth + 1)
+    return out
+
+
+def _python_problems(schema: str, instance: Any) -> list[Any]:
+    return list(CONTRACT.validator(schema).iter_errors(instance))
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_the_fast_check_is_never_more_permissive(data: st.DataObject) -> None:
+    body = copy.deepcopy(data.draw(st.sampled_from(FIXTURES)))
+    schema = REQUEST_SCHEMAS[body["hook"]]
+    path = data.draw(st.sampled_from(_paths(body)))
+    target = body
+    for step in path[:-1]:
+        target = target[step]
+    if data.draw(st.booleans()) and isinstance(target, dict):
+        del target[path[-1]]
+    else:
+        target[path[-1]] = data.draw(JSON)
+    fast = CONTRACT.fast_validator(schema).is_valid(body)
+    if fast:
+        assert _python_problems(schema, body) == [], path
+    # Either way the answer is the Python validator's.
+    assert (CONTRACT.problems(schema, body) == []) == (_python_problems(schema, body) == [])
+
+
+@pytest.mark.parametrize("body", FIXTURES, ids=all_fixture_names())
+def test_every_fixture_passes_both(body: dict[str, Any]) -> None:
+    schema = REQUEST_SCHEMAS[body["hook"]]
+    assert CONTRACT.fast_validator(schema).is_valid(body)
+    assert _python_problems(schema, body) == []
