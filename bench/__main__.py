@@ -7,6 +7,7 @@ not run (wrk missing, a server that does not start, a workload whose answer is w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,13 @@ from bench import BENCH_DIR, ROOT
 if str(ROOT) not in sys.path:  # tests.fhir_test_server lives beside the service, not in it
     sys.path.insert(0, str(ROOT))
 
+from bench.growth import (
+    MAX_BODY_BYTES,
+    build_growth_workloads,
+    growth_rows,
+    growth_targets,
+    plot_growth,
+)
 from bench.loadgen import WrkFailed, WrkMissing, find_wrk, wrk_version
 from bench.report import evaluate_targets, machine_info, render_markdown, write_json
 from bench.runner import LoadSettings, WorkloadBroken, run_workload
@@ -110,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-install", action="store_true", help="never try to install wrk, only say how"
     )
+    parser.add_argument(
+        "--no-growth",
+        action="store_true",
+        help="skip the growth series (60, 600 and 6,000 IgM results at 1 connection)",
+    )
     return parser
 
 
@@ -126,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.duration, args.warmup, args.connections = 1, 1, (8,)
         args.workloads = args.workloads or ",".join(QUICK_WORKLOADS)
+        args.no_growth = True
     try:
         wrk = find_wrk(install=not args.no_install)
     except WrkMissing as exc:
@@ -151,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         fhir.add_resources(fhir_server_resources())
         fhir.delay_seconds = args.fhir_delay_ms / 1000
         workloads = build_workloads(fhir.base_url, names)
-        config = service_config(workdir, fhir.base_url, args.fhir_deadline)
+        config = service_config(workdir, fhir.base_url, args.fhir_deadline, MAX_BODY_BYTES)
         print(
             f"bench: {len(workloads)} workloads x {len(args.connections)} concurrency levels, "
             f"{args.warmup}+{args.duration} s per point, service and baseline",
@@ -170,8 +184,31 @@ def run(args: argparse.Namespace) -> int:
                         after_point=fhir.clear_requests,  # it records every request; keep it small
                     )
                 )
+            growth: list[dict[str, Any]] = []
+            if not args.no_growth:
+                one = dataclasses.replace(settings, connections=(1,))
+                for workload in build_growth_workloads():
+                    growth.append(
+                        run_workload(
+                            one,
+                            workload,
+                            lambda: service_server(workdir, config, args.workers, args.threads),
+                            baseline,
+                            workdir,
+                            progress=lambda line: print(line, flush=True),
+                        )
+                    )
             baseline_memory = baseline.worker_memory()
     document = _document(args, wrk, results, baseline_memory)
+    rows = growth_rows(growth)
+    plot = plot_growth(rows, args.out / "growth.png")
+    document["growth"] = {
+        "rows": rows,
+        "plot": plot.name if plot else None,
+        "workloads": growth,
+    }
+    document["targets"] += growth_targets(rows)
+    document["passed"] = all(t["passed"] is not False for t in document["targets"])
     write_json(document, args.out / "results.json")
     (args.out / "results.md").write_text(render_markdown(document), "utf-8")
     _print_targets(document)

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.growth import growth_markdown
+
 Result = dict[str, Any]
 ORDER_SIGN_FULL = ("order-sign-high", "order-sign-low")
 ALL = ("order-sign-high", "order-sign-low", "patient-view-flare", "order-sign-no-prefetch")
@@ -216,6 +218,9 @@ def render_markdown(document: dict[str, Any]) -> str:
             f"| {row['target']} | {row['workload']} | {row['where']} | {value} | "
             f"{row['limit']} | {_result_word(row['passed'])}{aim} |"
         )
+    growth = document.get("growth") or {}
+    if growth.get("rows"):
+        lines += ["", *growth_markdown(growth["rows"], growth.get("plot"))]
     passed = document["passed"]
     lines += ["", f"**Overall: {'all measured targets pass' if passed else 'a target FAILED'}.**"]
     if document.get("notes"):

@@ -224,7 +224,9 @@ def baseline_server(workdir: Path, workers: int, threads: int) -> ServerProcess:
     return ServerProcess("baseline", command, port, workdir, workers, _clean_env())
 
 
-def service_config(workdir: Path, fhir_base_url: str, deadline_seconds: float) -> Path:
+def service_config(
+    workdir: Path, fhir_base_url: str, deadline_seconds: float, max_body_bytes: int | None = None
+) -> Path:
     """The service's settings for the run: a private store, and the loopback FHIR server allowed.
 
     Authentication stays off (the default): the bench measures the hook work, and a signed JWT
@@ -238,7 +240,8 @@ def service_config(workdir: Path, fhir_base_url: str, deadline_seconds: float) -
         f'allowed_servers = ["{fhir_base_url}"]\n'
         # The loopback server adds 50 ms per query; the default 0.45 s deadline would fit too, but
         # queued requests at 32 connections must not turn the measurement into 412s.
-        f"deadline_seconds = {deadline_seconds}\n",
+        f"deadline_seconds = {deadline_seconds}\n"
+        + ("" if max_body_bytes is None else f"\n[http]\nmax_body_bytes = {max_body_bytes}\n"),
         "utf-8",
     )
     return config

@@ -1,0 +1,161 @@
+"""How the cost of a call grows with the chart: the same order-sign call at three record sizes.
+
+60, 600 and 6,000 IgM results (with 10, 100 and 1,000 Conditions) are measured at one connection
+on a freshly started service each, so each size's time per call and peak worker memory are its
+own. Growth is acceptable when the time per call rises no faster than the number of resources
+(a fixed cost per call makes real growth slower than that), and the largest record must fit in
+100 MB per worker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.workloads import ORDER_SIGN, Workload, enlarge, load_fixture
+from tests.fixture_dates import as_of_today
+
+SIZES = ((60, 10), (600, 100), (6000, 1000))  # (IgM results, Conditions)
+MAX_PEAK_RSS_MB = 100.0
+# Bodies of 6,000 Observations are about 6.5 MB: the bench raises the body limit to fit them.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def growth_name(igm: int) -> str:
+    return f"growth-igm-{igm}"
+
+
+def build_growth_workloads() -> list[Workload]:
+    fixture = load_fixture("order-sign/wm-igm-4500-rituximab")
+    workloads = []
+    for igm, conditions in SIZES:
+        body = enlarge(fixture, older_igm=(1500, 3300), igm=igm, conditions=conditions)
+        workloads.append(
+            Workload(
+                growth_name(igm),
+                f"order-sign, full prefetch, {igm:,} IgM results and {conditions:,} Conditions",
+                ORDER_SIGN,
+                as_of_today(body),
+                "warning",
+                "igm-high",
+            )
+        )
+    return workloads
+
+
+def _resources(result: dict[str, Any]) -> int:
+    return sum(result["record"].values())
+
+
+def growth_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per measured size, smallest first."""
+    by_name = {r["name"]: r for r in results}
+    rows = []
+    for igm, conditions in SIZES:
+        result = by_name.get(growth_name(igm))
+        if result is None or not result["points"]:
+            continue
+        point = result["points"][0]["service"]
+        rows.append(
+            {
+                "igm": igm,
+                "conditions": conditions,
+                "resources": _resources(result),
+                "body_kb": round(result["body_bytes"] / 1024),
+                "p50_ms": point["latency_ms"]["p50"],
+                "cpu_ms": point["cpu"]["ms_per_request"],
+                "peak_rss_mb": result["memory"]["peak_rss_mb"],
+                "errors": point["errors"]["total"],
+            }
+        )
+    return rows
+
+
+def growth_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At most linear: from the smallest size to each larger one, CPU per call grows by no more
+    than the resources do; and the largest size's peak RSS per worker is under 100 MB."""
+    if len(rows) < 2:
+        return []
+    small = rows[0]
+    targets = []
+    for row in rows[1:]:
+        allowed = row["resources"] / small["resources"]
+        grew = row["cpu_ms"] / small["cpu_ms"] if small["cpu_ms"] else float("inf")
+        targets.append(
+            {
+                "target": "CPU per call grows at most linearly",
+                "workload": growth_name(row["igm"]),
+                "where": f"vs {growth_name(small['igm'])}",
+                "limit": f"<= {allowed:.3g}x (resources)",
+                "value": round(grew, 3),
+                "passed": grew <= allowed,
+            }
+        )
+    largest = rows[-1]
+    targets.append(
+        {
+            "target": "peak RSS per worker at the largest record",
+            "workload": growth_name(largest["igm"]),
+            "where": "max over workers",
+            "limit": f"< {MAX_PEAK_RSS_MB:g}MB",
+            "value": largest["peak_rss_mb"],
+            "passed": largest["peak_rss_mb"] < MAX_PEAK_RSS_MB,
+        }
+    )
+    return targets
+
+
+def growth_markdown(rows: list[dict[str, Any]], plot: str | None) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## Growth with the size of the chart",
+        "",
+        "| IgM results | Conditions | Resources | Body KB | p50 ms (1 conn) | CPU ms/call "
+        "| CPU ms per 1,000 resources | Peak RSS/worker MB | Errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        per_thousand = row["cpu_ms"] / row["resources"] * 1000
+        lines.append(
+            f"| {row['igm']:,} | {row['conditions']:,} | {row['resources']:,} | "
+            f"{row['body_kb']:,} | {row['p50_ms']:.2f} | {row['cpu_ms']:.2f} | "
+            f"{per_thousand:.2f} | {row['peak_rss_mb']:.1f} | {row['errors']} |"
+        )
+    if plot:
+        lines += ["", f"![CPU per call and peak RSS against the number of resources]({plot})"]
+    return [*lines, ""]
+
+
+def plot_growth(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """CPU per call and peak RSS per worker against resources (log-log), as a PNG."""
+    if len(rows) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    resources = [r["resources"] for r in rows]
+    figure, (cpu_axes, rss_axes) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
+    cpu_axes.loglog(resources, [r["cpu_ms"] for r in rows], "o-", label="measured")
+    first = rows[0]
+    linear = [first["cpu_ms"] * n / first["resources"] for n in resources]
+    cpu_axes.loglog(resources, linear, "--", color="grey", label="linear from the smallest")
+    cpu_axes.set_xlabel("resources in the request")
+    cpu_axes.set_ylabel("CPU ms per call")
+    cpu_axes.legend(fontsize=8)
+    cpu_axes.grid(True, which="both", alpha=0.3)
+    rss_axes.semilogx(resources, [r["peak_rss_mb"] for r in rows], "o-", color="tab:green")
+    rss_axes.axhline(MAX_PEAK_RSS_MB, color="tab:red", linestyle=":", label="100 MB limit")
+    rss_axes.set_xlabel("resources in the request")
+    rss_axes.set_ylabel("peak RSS per worker, MB")
+    rss_axes.set_ylim(0, max(MAX_PEAK_RSS_MB * 1.2, *(r["peak_rss_mb"] * 1.1 for r in rows)))
+    rss_axes.legend(fontsize=8)
+    rss_axes.grid(True, which="both", alpha=0.3)
+    figure.suptitle("order-sign with 60, 600 and 6,000 IgM results", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
