@@ -39,6 +39,10 @@ class DrugOrder:
     drug: str
     matched_by: str
     fhir_version: str
+    status: str = ""
+    # The order's indication: reasonCode concepts, and reasonReference targets or displays.
+    reasons: tuple[Mapping[str, Any], ...] = ()
+    reason_references: tuple[str, ...] = ()
 
 
 def _version_of(resource: Mapping[str, Any]) -> str:
@@ -165,8 +169,27 @@ def _medication_concepts(
         target = _resolve_medication(reference.get("reference"), resource, medications)
         if target is not None and isinstance(target.get("code"), Mapping):
             concepts.append(target["code"])
+        if target is not None:
+            concepts += _ingredient_concepts(target)
         if isinstance(reference.get("display"), str):
             concepts.append({"text": reference["display"]})
+    return concepts
+
+
+def _ingredient_concepts(medication: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """What a Medication's ingredients name: R4/STU3 `itemCodeableConcept` (or a reference's
+    display), R5 `item.concept`. A compounded or kit product may name its antibody only here."""
+    concepts: list[Mapping[str, Any]] = []
+    for ingredient in objects(medication.get("ingredient")):
+        for concept in (
+            ingredient.get("itemCodeableConcept"),
+            field(ingredient, "item", "concept"),
+        ):
+            if isinstance(concept, Mapping):
+                concepts.append(concept)
+        for reference in (ingredient.get("itemReference"), field(ingredient, "item", "reference")):
+            if isinstance(field(reference, "display"), str):
+                concepts.append({"text": reference["display"]})
     return concepts
 
 
@@ -229,7 +252,16 @@ def find_drug_orders(
                 # neither hide nor block the warning.
                 version = _validate(resource, version, location)
                 group, how = match
-                found.append(DrugOrder(reference, group.name, how, version))
+                found.append(
+                    DrugOrder(
+                        reference,
+                        group.name,
+                        how,
+                        version,
+                        resource.get("status") if isinstance(resource.get("status"), str) else "",
+                        *_reasons(resource),
+                    )
+                )
                 break
     if wanted is not None:
         missing = sorted(wanted - seen)
@@ -238,6 +270,24 @@ def find_drug_orders(
                 "context.selections", f"{', '.join(missing)} not found in context.draftOrders"
             )
     return found
+
+
+def _reasons(resource: Mapping[str, Any]) -> tuple[tuple[Mapping[str, Any], ...], tuple[str, ...]]:
+    """reasonCode / reasonReference (R4, STU3) or `reason` CodeableReferences (R5)."""
+    concepts = list(objects(resource.get("reasonCode")))
+    references = list(objects(resource.get("reasonReference")))
+    for reason in objects(resource.get("reason")):
+        if isinstance(reason.get("concept"), Mapping):
+            concepts.append(reason["concept"])
+        if isinstance(reason.get("reference"), Mapping):
+            references.append(reason["reference"])
+    targets = []
+    for reference in references:
+        if isinstance(reference.get("reference"), str):
+            targets.append(reference["reference"])
+        if isinstance(reference.get("display"), str):
+            concepts.append({"text": reference["display"]})
+    return tuple(concepts), tuple(targets)
 
 
 # A typical R4 draft order: coded medication, contained Medication, dosage with timing, route

@@ -12,10 +12,9 @@ from service.clinical.followup import (
     BTK_REBOUND,
     FLARE,
     FLARE_NO_BASELINE,
-    Dose,
     assess_followup,
-    course_start,
 )
+from service.clinical.history import build_history
 from service.clinical.record import PatientRecord
 from service.clinical.terminology import build_terminology
 from service.settings import RulesSettings, TerminologySettings
@@ -193,14 +192,19 @@ def test_no_result_before_the_first_dose_says_it_cannot_be_judged() -> None:
 
 def test_a_new_course_after_a_long_gap_resets_the_baseline() -> None:
     old = NOW - timedelta(days=700)
-    doses = [
-        Dose(old, "rituximab", "a"),
-        Dose(old + timedelta(days=21), "rituximab", "b"),
-        Dose(START, "rituximab", "c"),
-        Dose(START + timedelta(days=7), "rituximab", "d"),
-    ]
-    assert course_start(doses, 180).record == "c"
-    assert course_start(doses, 1000).record == "a"
+    record = _record(
+        [
+            _dose("a", old),
+            _dose("b", old + timedelta(days=21)),
+            _dose("c", START),
+            _dose("d", START + timedelta(days=7)),
+        ],
+        [],
+    )
+    history = build_history(record, TERMS, RulesSettings(), NOW)
+    assert history.latest_course.start_resource == "MedicationAdministration/c"
+    history = build_history(record, TERMS, RulesSettings(course_gap_days=1000), NOW)
+    assert history.latest_course.start_resource == "MedicationAdministration/a"
 
 
 def test_biosimilar_administration_counts_as_exposure() -> None:
@@ -237,7 +241,8 @@ def _btk(status: str, held: datetime, request_id: str = "ibr") -> dict[str, Any]
 
 @pytest.mark.parametrize(
     ("status", "called"),
-    [("on-hold", True), ("stopped", True), ("active", False), ("completed", False)],
+    # Decision 7: an order `completed` with its end in the window stopped the drug too.
+    [("on-hold", True), ("stopped", True), ("active", False), ("completed", True)],
 )
 def test_btk_rebound_only_after_a_hold(status: str, called: bool) -> None:
     held = NOW - timedelta(days=30)

@@ -19,6 +19,7 @@ from tests.conftest import (
 )
 
 # scenario -> (indicator or None for no card, finding, strings the detail must show, suggestions)
+# A high-IgM card with no serum viscosity in its window also offers the viscosity order ("labs").
 EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = {
     "order-sign/wm-igm-4500-rituximab": (
         "warning",
@@ -30,7 +31,7 @@ EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = 
         "warning",
         "igm-high",
         ("4,000",),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-igm-3999": ("info", "igm-below-threshold", ("3,999",), ()),
     "order-sign/wm-igm-5600-very-high": (
@@ -43,19 +44,19 @@ EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = 
         "warning",
         "igm-high",
         ("45 g/L", "4,500"),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-igm-4200-mg-per-l": (
         "warning",
         "igm-high",
         ("42000 mg/L", "4,200"),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-igm-4-1-g-per-dl": (
         "warning",
         "igm-high",
         ("4.1 g/dL", "4,100"),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-igm-unusable-unit": (
         "warning",
@@ -79,7 +80,7 @@ EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = 
         "warning",
         "igm-high",
         ("4,100", "2026-10-21"),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-hyperviscosity-condition": (
         "critical",
@@ -110,37 +111,37 @@ EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = 
         "warning",
         "igm-high",
         ("rituximab-abbs (Truxima)", "RxNorm 2105824"),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-rituxan-hycela-sc": (
         "warning",
         "igm-high",
         ("Rituxan Hycela", "RxNorm 1927890"),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-contained-medication": (
         "warning",
         "igm-high",
         ("RxNorm 226754",),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-medication-reference-in-bundle": (
         "warning",
         "igm-high",
         ("rituximab-pvvr (Ruxience)",),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-text-only-order": (
         "warning",
         "igm-high",
         ('name "Rituximab',),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-obinutuzumab": (
         "warning",
         "igm-high",
         ("obinutuzumab", "4,600"),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/ra-rituximab-normal-igm": (None, "", (), ()),
     "order-sign/wm-no-anti-cd20-ordered": (None, "", (), ()),
@@ -148,31 +149,31 @@ EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = 
         "warning",
         "igm-high",
         ("4,800",),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-stu3-medicationrequest": (
         "warning",
         "igm-high",
         ("FHIR STU3",),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-dstu2-medicationorder": (
         "warning",
         "igm-high",
         ("FHIR DSTU2", "MedicationOrder/"),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-sign/wm-r5-codeablereference": (
         "warning",
         "igm-high",
         ("FHIR R5",),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-select/wm-rituximab-selected": (
         "warning",
         "igm-high",
         ("4,500",),
-        ("plasmapheresis", "delete"),
+        ("plasmapheresis", "delete", "labs"),
     ),
     "order-select/wm-rituximab-not-selected": (None, "", (), ()),
 }
