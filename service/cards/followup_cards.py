@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.cards.builder import CardBuilder, RenderedCard, SuggestionSpec
-from service.cards.markdown import day, inline, mg_dl, table
+from service.cards.markdown import day, inline, reading_mg_dl, table
 from service.cards.suggestions import create_action, plasmapheresis_request
 from service.cards.treatment import treatment_rows, treatment_table
 from service.clinical.followup import (
@@ -43,7 +43,7 @@ def series_table(finding: FollowupFinding) -> str:
             (
                 day(reading.effective),
                 reading.reported,
-                mg_dl(reading.normalised),
+                reading_mg_dl(reading),
                 change,
                 weeks,
                 f"Observation/{reading.observation_id}",
@@ -110,8 +110,8 @@ def render_followup_card(
     values: dict[str, Any] = {
         "drug": finding.drug,
         "rise": f"{rise:.0f}%" if rise is not None else "unknown",
-        "baseline_mg_dl": mg_dl(finding.baseline.normalised) if finding.baseline else "unknown",
-        "latest_mg_dl": mg_dl(finding.latest.normalised),
+        "baseline_mg_dl": reading_mg_dl(finding.baseline) if finding.baseline else "unknown",
+        "latest_mg_dl": reading_mg_dl(finding.latest),
         "weeks": _weeks(finding, finding.latest.effective),
         "start_date": day(finding.start),
         "series_table": series_table(finding),
@@ -124,7 +124,7 @@ def render_followup_card(
         ),
     }
     if finding.nadir is not None:
-        values["nadir_mg_dl"] = mg_dl(finding.nadir.normalised)
+        values["nadir_mg_dl"] = reading_mg_dl(finding.nadir)
         values["nadir_date"] = day(finding.nadir.effective)
     if finding.kind in (FLARE_NO_BASELINE, BTK_REBOUND, POSSIBLE_PROGRESSION):
         values["hyperviscosity_note"] = (

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
+from service.clinical.observations import Reading
+
 
 def cell(value: object) -> str:
     """Text safe inside a GitHub-flavoured Markdown table cell (FHIR text is untrusted)."""
@@ -36,3 +38,8 @@ def day(when: datetime | None) -> str:
 
 def mg_dl(value: float) -> str:
     return f"{value:,.0f}"
+
+
+def reading_mg_dl(reading: Reading) -> str:
+    """An IgM in mg/dL with its bound, if the laboratory gave one ("<4,000")."""
+    return f"{reading.comparator}{mg_dl(reading.normalised)}"

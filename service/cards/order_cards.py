@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.cards.builder import CardBuilder, RenderedCard, SuggestionSpec
-from service.cards.markdown import day, inline, mg_dl, table
+from service.cards.markdown import day, inline, reading_mg_dl, table
 from service.cards.suggestions import (
     create_action,
     delete_action,
@@ -45,7 +45,7 @@ def data_table(finding: OrderRiskFinding, rules: RulesSettings) -> str:
             (
                 "Serum IgM, latest usable",
                 igm.reported,
-                mg_dl(igm.normalised),
+                reading_mg_dl(igm),
                 day(igm.effective),
                 f"Observation/{igm.observation_id}",
             )
@@ -56,7 +56,7 @@ def data_table(finding: OrderRiskFinding, rules: RulesSettings) -> str:
             (
                 f"Serum IgM, last usable (older than {rules.igm_lookback_days} days)",
                 old.reported,
-                mg_dl(old.normalised),
+                reading_mg_dl(old),
                 day(old.effective),
                 f"Observation/{old.observation_id}",
             )
@@ -117,7 +117,7 @@ def data_table(finding: OrderRiskFinding, rules: RulesSettings) -> str:
             (
                 "Serum IgM at the same time, lower risk (not used)",
                 reading.reported,
-                mg_dl(reading.normalised),
+                reading_mg_dl(reading),
                 day(reading.effective),
                 f"Observation/{reading.observation_id}",
             )
@@ -189,7 +189,7 @@ def _course_values(finding: OrderRiskFinding, builder: CardBuilder) -> dict[str,
             name = "igm_high_sentence" if high else "igm_low_sentence"
         fill = {**builder.common_values(), "igm_mg_dl": "", "igm_date": ""}
         if igm is not None:
-            fill.update(igm_mg_dl=mg_dl(igm.normalised), igm_date=day(igm.effective))
+            fill.update(igm_mg_dl=reading_mg_dl(igm), igm_date=day(igm.effective))
         values["igm_sentence"] = builder.fragment(CONTINUATION, name, fill)
     if finding.kind == HYPERVISCOSITY_SYMPTOMS:
         values["symptom_short"] = inline(finding.symptom_conditions[0].display)[:40]
@@ -214,7 +214,7 @@ def _last_known_note(finding: OrderRiskFinding) -> str:
     notes = []
     if old is not None:
         notes.append(
-            f"The last usable serum IgM was **{mg_dl(old.normalised)} mg/dL** "
+            f"The last usable serum IgM was **{reading_mg_dl(old)} mg/dL** "
             f"({old.reported}) on {day(old.effective)} (Observation/{old.observation_id})."
         )
     else:
@@ -234,7 +234,7 @@ def _igm_note(finding: OrderRiskFinding, rules: RulesSettings) -> str:
             f"- There is no usable serum IgM from the last {rules.igm_lookback_days} days: "
             "order serum IgM and viscosity.\n"
         )
-    return f"- Latest serum IgM: {mg_dl(igm.normalised)} mg/dL on {day(igm.effective)}.\n"
+    return f"- Latest serum IgM: {reading_mg_dl(igm)} mg/dL on {day(igm.effective)}.\n"
 
 
 def render_order_card(
@@ -247,7 +247,7 @@ def render_order_card(
         igm = finding.last_known_igm  # the value the card is about, however old
     values: dict[str, Any] = {
         "drug": drug,
-        "igm_mg_dl": mg_dl(igm.normalised) if igm else "unknown",
+        "igm_mg_dl": reading_mg_dl(igm) if igm else "unknown",
         "igm_date": day(igm.effective) if igm else "no date",
         "scope_reason": inline(finding.scope_reason),
         "data_table": data_table(finding, rules),

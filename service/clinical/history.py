@@ -169,8 +169,15 @@ def _ref(resource: Mapping[str, Any]) -> str:
 
 
 def _courses(
-    doses: Sequence[Dose], record: PatientRecord, terminology: Terminology, gap: timedelta, now
+    doses: Sequence[Dose],
+    recorded: Sequence[Dose],
+    record: PatientRecord,
+    terminology: Terminology,
+    gap: timedelta,
+    now: datetime,
 ) -> list[Course]:
+    """Courses from the doses; an order stands for a course start only when no administration
+    at all (given or `recorded` as not given) is on record near its start."""
     courses: list[Course] = []
     for dose in doses:
         if courses and dose.when - courses[-1].last_activity <= gap:
@@ -187,8 +194,8 @@ def _courses(
         start = request_start(request)
         if drug is None or start is None or start > now:
             continue
-        if any(abs(dose.when - start) <= gap for dose in doses):
-            continue
+        if any(abs(dose.when - start) <= gap for dose in (*doses, *recorded)):
+            continue  # the administrations tell what happened to this order
         inferred.append(Course(start, (), _ref(request), drug))
     inferred.sort(key=lambda c: (c.start, c.inferred_from or ""))
     for course in inferred:
@@ -244,10 +251,12 @@ def build_history(
     record: PatientRecord, terminology: Terminology, rules: RulesSettings, now: datetime
 ) -> TreatmentHistory:
     doses, not_counted = _doses(record, terminology, now)
+    # An entered-in-error record says nothing happened; not-done says the dose was not given.
+    accounted = [d for d in not_counted if d.status != "entered-in-error"]
     gap = timedelta(days=rules.course_gap_days)
     return TreatmentHistory(
         doses=tuple(doses),
-        courses=tuple(_courses(doses, record, terminology, gap, now)),
+        courses=tuple(_courses(doses, accounted, record, terminology, gap, now)),
         btk_stops=tuple(_btk_stops(record, terminology, rules, now)),
         exchanges=tuple(_exchanges(record, terminology, now)),
         not_counted=tuple(not_counted),

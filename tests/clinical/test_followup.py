@@ -47,6 +47,32 @@ EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
         ("cannot be judged", "4,100", "no baseline"),
     ),
     "patient-view/flare-mixed-units": ("info", "flare", ("30 g/L", "4.2 g/dL", "4,200", "+40%")),
+    # Decision 10: course-aware.
+    "patient-view/not-done-infusions": (None, "", ()),
+    "patient-view/second-course-from-order": (
+        "info",
+        "flare",
+        (
+            "MedicationRequest/rituximab-course-2026-10, inferred from the order",
+            "2026-10-19",
+            "+40%",
+        ),
+    ),
+    "patient-view/flare-viscosity-since-baseline": (
+        "critical",
+        "flare-hyperviscosity",
+        ("4.5 cP", "2026-08-20", "Observation/viscosity-2026-08-20"),
+    ),
+    "patient-view/flare-viscosity-then-exchange": (
+        "info",
+        "flare",
+        ("| Plasma exchange | completed | 2026-08-25 | Procedure/plasma-exchange-2026-08-25 |",),
+    ),
+    "patient-view/progression-after-flare-window": (
+        "info",
+        "possible-progression",
+        ("not read as IgM flare", "nadir 1,800 mg/dL", "| nadir |", "+50%", "+33%"),
+    ),
 }
 
 
