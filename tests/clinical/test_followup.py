@@ -354,3 +354,41 @@ def test_hyperviscosity_makes_a_btk_rebound_critical() -> None:
     )
     [finding] = assess_followup(record, TERMS, RulesSettings(), NOW)
     assert finding.kind == BTK_REBOUND and finding.indicator == "critical"
+
+
+def _viscosity(obs_id: str, when: datetime, cp: float) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": obs_id,
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "3128-6"}]},
+        "effectiveDateTime": when.date().isoformat(),
+        "valueQuantity": {"value": cp, "unit": "cP", "system": "http://unitsofmeasure.org"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("viscosities", "critical"),
+    [
+        ([("high", 85, 4.5)], True),  # since the baseline window opened, nothing after it
+        ([("high", 85, 4.5), ("lower", 40, 3.1)], False),  # a lower viscosity came after it
+        ([("too-old", 160, 4.5)], False),  # before the baseline window (90 days before dose 1)
+    ],
+)
+def test_viscosity_since_the_baseline_window(viscosities: list[Any], critical: bool) -> None:
+    record = _record(
+        [_dose("d1", START)],
+        [_igm("b", START - timedelta(days=2), 3000), _igm("l", NOW - timedelta(days=1), 4000)],
+        viscosity=tuple(_viscosity(i, NOW - timedelta(days=d), cp) for i, d, cp in viscosities),
+    )
+    [finding] = assess_followup(record, TERMS, RulesSettings(), NOW)
+    assert (finding.indicator == "critical") is critical
+
+
+def test_not_done_infusion_is_no_exposure() -> None:
+    not_done = {**_dose("d1", START), "status": "not-done"}
+    record = _record(
+        [not_done],
+        [_igm("b", START - timedelta(days=2), 3000), _igm("l", NOW - timedelta(days=1), 4500)],
+    )
+    assert assess_followup(record, TERMS, RulesSettings(), NOW) == []
