@@ -83,7 +83,8 @@ def build_definitions(terminology: Terminology) -> dict[str, ServiceDefinition]:
             description=(
                 "When rituximab or another anti-CD20 antibody is selected for a patient with "
                 "Waldenström macroglobulinemia or an IgM paraprotein, warns of IgM flare and "
-                "hyperviscosity, using the latest serum IgM and viscosity."
+                "hyperviscosity, using the latest serum IgM and viscosity and the course of "
+                "treatment (doses given, plasma exchange)."
             ),
             prefetch=prefetch,
         ),
@@ -94,7 +95,8 @@ def build_definitions(terminology: Terminology) -> dict[str, ServiceDefinition]:
             description=(
                 "Before an anti-CD20 antibody order is signed for a patient with Waldenström "
                 "macroglobulinemia or an IgM paraprotein, checks the latest serum IgM and "
-                "viscosity and advises plasmapheresis or deferring the antibody when high."
+                "viscosity and the course of treatment, and advises plasmapheresis or deferring "
+                "the antibody when high at the start of therapy."
             ),
             prefetch=prefetch,
         ),
@@ -105,7 +107,8 @@ def build_definitions(terminology: Terminology) -> dict[str, ServiceDefinition]:
             description=(
                 "Reads a rising IgM after rituximab (or another anti-CD20 antibody) as probable "
                 "IgM flare rather than treatment failure, or after a BTK-inhibitor hold as "
-                "rebound; escalates when there is evidence of hyperviscosity."
+                "rebound, and a confirmed rise after the flare window as possible progression; "
+                "escalates when there is evidence of hyperviscosity."
             ),
             prefetch=prefetch,
         ),
