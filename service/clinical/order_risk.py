@@ -230,6 +230,8 @@ def assess_orders(
         kind = CONTINUATION
         concern = latest is None or latest.at_least(rules.igm_high_mg_dl)
         indicator = "warning" if concern else "info"
+        if not concern and not rules.info_card_below_threshold:
+            return None  # a site that turned info cards off gets none at each dose either
     elif latest is not None and latest.at_least(rules.igm_high_mg_dl):
         kind, indicator = IGM_HIGH, "warning"
     elif latest is None:

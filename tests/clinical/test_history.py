@@ -216,3 +216,16 @@ def test_bounds_on_the_threshold(comparator: str, value: float, usable_high: boo
     record = PatientRecord("p1", conditions=(WM,), igm=(result,))
     finding = assess_orders(record, order(), TERMS, RULES, NOW)
     assert finding.kind == (IGM_HIGH if usable_high else IGM_BELOW_THRESHOLD)
+
+
+def test_continuation_below_threshold_is_info_and_follows_the_info_switch() -> None:
+    record = PatientRecord(
+        "p1",
+        conditions=(WM,),
+        igm=(igm(2500, 1),),
+        medication_administrations=(administration("d1", 7),),
+    )
+    finding = assess_orders(record, order(), TERMS, RULES, NOW)
+    assert finding.kind == CONTINUATION and finding.indicator == "info"
+    quiet = RulesSettings(info_card_below_threshold=False)
+    assert assess_orders(record, order(), TERMS, quiet, NOW) is None
