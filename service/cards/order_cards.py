@@ -176,7 +176,9 @@ def _course_values(finding: OrderRiskFinding, builder: CardBuilder) -> dict[str,
     if finding.kind in EXCHANGE_NOTE_KINDS:
         values["exchange_note"] = (
             builder.fragment(
-                finding.kind, "exchange_note", {"drafted": ", ".join(finding.drafted_exchanges)}
+                finding.kind,
+                "exchange_note",
+                {"drafted": inline(", ".join(finding.drafted_exchanges))},
             )
             if finding.drafted_exchanges
             else ""
@@ -195,7 +197,7 @@ def _course_values(finding: OrderRiskFinding, builder: CardBuilder) -> dict[str,
         values["symptom_short"] = inline(finding.symptom_conditions[0].display)[:40]
     if finding.kind == POST_EXCHANGE_IGM and finding.exchange_after_igm is not None:
         values["exchange_date"] = day(finding.exchange_after_igm.when)
-        values["exchange_record"] = finding.exchange_after_igm.resource
+        values["exchange_record"] = inline(finding.exchange_after_igm.resource)
     return values
 
 

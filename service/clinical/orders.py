@@ -283,8 +283,14 @@ def _reasons(resource: Mapping[str, Any]) -> tuple[tuple[Mapping[str, Any], ...]
             references.append(reason["reference"])
     targets = []
     for reference in references:
-        if isinstance(reference.get("reference"), str):
-            targets.append(reference["reference"])
+        target = reference.get("reference")
+        if isinstance(target, str) and target.startswith("#"):
+            # A contained Condition: its code is the indication.
+            for contained in objects(resource.get("contained")):
+                if contained.get("id") == target[1:] and isinstance(contained.get("code"), Mapping):
+                    concepts.append(contained["code"])
+        elif isinstance(target, str):
+            targets.append(target)
         if isinstance(reference.get("display"), str):
             concepts.append({"text": reference["display"]})
     return tuple(concepts), tuple(targets)
