@@ -47,6 +47,9 @@ PARTIAL_SCENARIOS = (
     "order-sign/wm-hyperviscosity-condition",
     "patient-view/flare-after-rituximab",
     "patient-view/btk-hold-rebound",
+    "order-sign/wm-continuation-dose-4",
+    "order-sign/wm-plasmapheresis-after-latest-igm",
+    "patient-view/second-course-from-order",
 )
 FAILED_QUERY = {
     "resourceType": "OperationOutcome",
@@ -234,6 +237,8 @@ def test_operation_outcome_value_is_refetched(
         ("order-sign/wm-hyperviscosity-condition", "conditions", "viscosity"),
         ("patient-view/flare-after-rituximab", "medicationAdministrations", "igm"),
         ("patient-view/btk-hold-rebound", "medicationRequests", "viscosity"),
+        ("order-sign/wm-plasmapheresis-after-latest-igm", "procedures", "igm"),
+        ("order-sign/wm-continuation-dose-4", "medicationAdministrations", "conditions"),
     ],
 )
 def test_null_means_no_data_and_is_not_fetched(
