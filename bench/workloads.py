@@ -212,8 +212,7 @@ def enlarge(
         if existing
         else body["context"]["draftOrders"]["entry"][0]["resource"]
     )
-    # order-sign does not ask for medicationRequests; an EHR with one prefetch profile per
-    # patient sends them anyway, and the service must read past them.
+    # A long medication history (mostly other drugs) that the treatment history must read past.
     prefetch["medicationRequests"] = _searchset(
         patient_id,
         f"MedicationRequest?patient={patient_id}",
@@ -221,7 +220,7 @@ def enlarge(
     )
     shuffle = random.Random(patient_id)  # fixtures are deliberately not newest-first either
     for value in prefetch.values():
-        if value.get("resourceType") == "Bundle":
+        if value.get("resourceType") == "Bundle" and value.get("entry"):
             shuffle.shuffle(value["entry"])
             value["total"] = len(value["entry"])
     return body

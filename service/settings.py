@@ -45,11 +45,14 @@ class RulesSettings:
     baseline_max_age_days: int = 90
     btk_hold_window_days: int = 56
     btk_rebound_rise_percent: float = 25.0
+    # IWWM-6: progression is a confirmed rise of more than 25% from the nadir.
+    progression_rise_percent: float = 25.0
 
 
 @dataclass(frozen=True)
 class TerminologySettings:
-    """Extra codes, each "system|code", added to the shipped value sets (local lab codes etc.)."""
+    """Extra codes, each "system|code", added to the shipped value sets (local lab codes etc.),
+    and extra names (`*_names`, matched as whole words in free text) for drugs and diagnoses."""
 
     igm_codes: tuple[str, ...] = ()
     viscosity_codes: tuple[str, ...] = ()
@@ -57,6 +60,13 @@ class TerminologySettings:
     hyperviscosity_condition_codes: tuple[str, ...] = ()
     anti_cd20_codes: tuple[str, ...] = ()
     btk_inhibitor_codes: tuple[str, ...] = ()
+    mgus_condition_codes: tuple[str, ...] = ()
+    hyperviscosity_symptom_codes: tuple[str, ...] = ()
+    plasma_exchange_codes: tuple[str, ...] = ()
+    anti_cd20_names: tuple[str, ...] = ()
+    btk_inhibitor_names: tuple[str, ...] = ()
+    wm_condition_names: tuple[str, ...] = ()
+    hyperviscosity_condition_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,9 @@ class FhirSettings:
     connect_timeout_seconds: float = 0.25
     read_timeout_seconds: float = 0.4
     deadline_seconds: float = 0.45
-    max_pages: int = 5
+    # Servers cap `_count` (often at 20-50): 20 pages let a chart of several hundred
+    # Conditions through while still bounding a runaway server.
+    max_pages: int = 20
     pool_size: int = 16
 
 
@@ -237,6 +249,7 @@ def _check(settings: Settings) -> None:
         "rules.baseline_max_age_days": rules.baseline_max_age_days,
         "rules.btk_hold_window_days": rules.btk_hold_window_days,
         "rules.btk_rebound_rise_percent": rules.btk_rebound_rise_percent,
+        "rules.progression_rise_percent": rules.progression_rise_percent,
         "fhir.connect_timeout_seconds": settings.fhir.connect_timeout_seconds,
         "fhir.read_timeout_seconds": settings.fhir.read_timeout_seconds,
         "fhir.deadline_seconds": settings.fhir.deadline_seconds,
@@ -251,6 +264,11 @@ def _check(settings: Settings) -> None:
         raise SettingsError("rules.igm_very_high_mg_dl must not be below rules.igm_high_mg_dl")
     terminology = settings.terminology
     for f in fields(terminology):
+        if f.name.endswith("_names"):
+            for name in getattr(terminology, f.name):
+                if not name.strip():
+                    raise SettingsError(f"terminology.{f.name}: names must not be empty")
+            continue
         for code in getattr(terminology, f.name):
             system, sep, value = code.partition("|")
             if not sep or not value or not system:

@@ -1,9 +1,10 @@
 """A small FHIR R4 server on loopback, for tests and the benchmark.
 
 It answers reads and the handful of searches the service's prefetch templates use, pages with
-`_count` (optionally capped), records every request, and can be told to misbehave (delays, error
-statuses, non-JSON, OperationOutcome answers, next links to another origin, ignoring the patient
-filter) so the client's failure paths are tested against real HTTP rather than mocks.
+`_count` (optionally capped), honours `_include=<Type>:medication`, records every request, and
+can be told to misbehave (delays, error statuses, non-JSON, OperationOutcome answers, next links
+to another origin, ignoring the patient filter) so the client's failure paths are tested against
+real HTTP rather than mocks.
 
 Fault settings are plain attributes, each one value for every resource type, a {type: value}
 mapping, or (for the on/off faults) a set of types: `server.fail_status = {"Observation": 500}`.
@@ -292,7 +293,7 @@ class FhirTestServer:
         return _json(200, found[-1])
 
     def _search(self, resource_type: str, args: MultiDict[str, str]) -> Response:
-        ignored = {"_sort", "_count", "_getpages"}
+        ignored = {"_sort", "_count", "_getpages", "_include"}
         if _fault(self.ignore_patient, resource_type):
             ignored |= {"patient", "subject"}
         criteria = MultiDict([(k, v) for k, v in args.items(multi=True) if k not in ignored])
@@ -324,16 +325,39 @@ class FhirTestServer:
             "total": len(found),
             "link": links,
         }
-        if page:
+        included = self._included(page, args.getlist("_include"))
+        if page or included:
             bundle["entry"] = [
                 {
-                    "fullUrl": f"{self.base_url}/{resource_type}/{r['id']}",
+                    "fullUrl": f"{self.base_url}/{r['resourceType']}/{r['id']}",
                     "resource": r,
-                    "search": {"mode": "match"},
+                    "search": {"mode": mode},
                 }
-                for r in page
+                for mode, group in (("match", page), ("include", included))
+                for r in group
             ]
         return _json(200, bundle)
+
+    def _included(self, page: list[dict[str, Any]], includes: list[str]) -> list[dict[str, Any]]:
+        """`_include=<Type>:medication`: the Medications the page's resources reference."""
+        if not any(i.endswith(":medication") for i in includes):
+            return []
+        wanted = []
+        for resource in page:
+            for ref in (
+                resource.get("medicationReference"),
+                (resource.get("medication") or {}).get("reference"),  # R5 CodeableReference
+            ):
+                target = (ref or {}).get("reference") if isinstance(ref, dict) else None
+                if isinstance(target, str) and target.startswith("Medication/"):
+                    wanted.append(target.split("/", 1)[1])
+        with self._lock:
+            found = {
+                i: r
+                for (t, i, _), r in self._resources.items()
+                if t == "Medication" and i in wanted
+            }
+        return [found[i] for i in dict.fromkeys(wanted) if i in found]
 
     def _page_url(self, resource_type: str, args: list[tuple[str, str]], offset: int) -> str:
         query = urlencode(args + ([("_getpages", str(offset))] if offset else []))

@@ -32,8 +32,9 @@ def test_workloads_are_a_long_record_dated_today() -> None:
         datetime.fromisoformat(e["resource"]["effectiveDateTime"].replace("Z", "+00:00"))
         for e in igm
     )
-    # The fixture's 4500 mg/dL result is 5 days before the fixtures' "now", so 5 days ago.
-    assert timedelta(days=4) < datetime.now(UTC) - newest < timedelta(days=6)
+    # The fixture's 4500 mg/dL result is 5 days 3.5 hours before the fixtures' "now"; dates move
+    # by whole days, so today it is between 5 and 6 days 3.5 hours old, by the time of day.
+    assert timedelta(days=5) < datetime.now(UTC) - newest < timedelta(days=6, hours=4)
     no_prefetch = workloads["order-sign-no-prefetch"].body
     assert "prefetch" not in no_prefetch and no_prefetch["fhirServer"] == "http://127.0.0.1:9/fhir"
 

@@ -114,3 +114,20 @@ def test_replace_keeps_other_values() -> None:
 def test_non_finite_thresholds_are_refused(value: str) -> None:
     with pytest.raises(SettingsError, match="greater than zero"):
         load_settings(environ={"FLARE_CDS_RULES_IGM_HIGH_MG_DL": value})
+
+
+def test_readme_site_codes_example_loads(tmp_path: Path) -> None:
+    """The example of site-added codes and names in the README is a working configuration."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    section = readme.split("### Site codes (example)", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "site.toml"
+    path.write_text(example, "utf-8")
+    settings = load_settings(path, environ={})
+    assert "http://www.whocc.no/atc|L04AG08" in settings.terminology.anti_cd20_codes
+    from service.clinical.terminology import build_terminology, match_drug
+
+    terms = build_terminology(settings.terminology)
+    assert match_drug({"text": "RTX-local 700 mg"}, terms.anti_cd20)[0].name == "RTX-local"
+    atc = {"coding": [{"system": "http://www.whocc.no/atc", "code": "L04AG08"}]}
+    assert match_drug(atc, terms.anti_cd20) is not None

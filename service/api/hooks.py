@@ -19,6 +19,7 @@ from service.cards.followup_cards import render_followup_card
 from service.cards.order_cards import render_order_card
 from service.clinical.fhir_values import UnreadableData
 from service.clinical.followup import assess_followup
+from service.clinical.history import drafted_exchanges
 from service.clinical.order_risk import assess_orders
 from service.clinical.orders import DrugOrder, find_drug_orders
 from service.record.definitions import ORDER_SELECT, PATIENT_VIEW, ServiceDefinition
@@ -92,8 +93,9 @@ def run_hook(
             cards = []
             if orders:
                 record = gather_record(body, definition, runtime.fetcher)
+                drafted = drafted_exchanges(context["draftOrders"], runtime.terminology)
                 finding = assess_orders(
-                    record, orders, runtime.terminology, runtime.settings.rules, now
+                    record, orders, runtime.terminology, runtime.settings.rules, now, drafted
                 )
                 if finding is not None:
                     cards.append(render_order_card(finding, patient_id, runtime.builder))

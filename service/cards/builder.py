@@ -71,6 +71,8 @@ class CardBuilder:
             "flare_window_days": str(rules.flare_window_days),
             "btk_hold_window_days": str(rules.btk_hold_window_days),
             "baseline_max_age_days": str(rules.baseline_max_age_days),
+            "viscosity_lookback_days": str(rules.viscosity_lookback_days),
+            "progression_rise_percent": f"{rules.progression_rise_percent:g}",
         }
 
     def fragment(self, finding: str, name: str, values: Mapping[str, Any]) -> Markdown:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from service.cards.builder import CardBuilder, RenderedCard, SuggestionSpec
-from service.cards.markdown import Markdown, day, inline, mg_dl, table
+from service.cards.markdown import Markdown, day, inline, one_line, reading_mg_dl, table
 from service.cards.suggestions import create_action, plasmapheresis_request
+from service.cards.treatment import treatment_rows, treatment_table
 from service.clinical.followup import (
     BTK_REBOUND,
     FLARE_NO_BASELINE,
+    POSSIBLE_PROGRESSION,
     FollowupFinding,
     rise_percent,
 )
@@ -22,14 +24,18 @@ def _weeks(finding: FollowupFinding, when: Any) -> str:
 def series_table(finding: FollowupFinding) -> Markdown:
     since = "Weeks since hold" if finding.kind == BTK_REBOUND else "Weeks since first dose"
     rows = []
+    # Possible progression is measured from the nadir (IWWM-6), everything else from baseline.
+    progression = finding.kind == POSSIBLE_PROGRESSION
+    reference = "nadir" if progression else "baseline"
+    compared = finding.nadir if progression else finding.baseline
     for reading in finding.series:
-        if finding.baseline is None:
-            change = "no baseline"
-        elif reading is finding.baseline:
-            change = "baseline"
+        if compared is None:
+            change = f"no {reference}"
+        elif reading is compared:
+            change = reference
         else:
-            pct = rise_percent(reading, finding.baseline)
-            change = f"{pct:+.0f}%" if pct is not None else "no baseline"
+            pct = rise_percent(reading, compared)
+            change = f"{pct:+.0f}%" if pct is not None else f"no {reference}"
         weeks = (
             _weeks(finding, reading.effective) if reading.effective >= finding.start else "before"
         )
@@ -37,17 +43,22 @@ def series_table(finding: FollowupFinding) -> Markdown:
             (
                 day(reading.effective),
                 reading.reported,
-                mg_dl(reading.normalised),
+                reading_mg_dl(reading),
                 change,
                 weeks,
                 f"Observation/{reading.observation_id}",
             )
         )
+    inferred = (
+        ", inferred from the order: no administration is recorded"
+        if finding.course is not None and finding.course.inferred_from
+        else ""
+    )
     caption = (
-        f"Start: {day(finding.start)} ({finding.start_record}). "
+        f"Start: {day(finding.start)} ({finding.start_record}{inferred}). "
         "Serum IgM, usable results only (final, amended or corrected; converted to mg/dL):"
     )
-    headers = ("Date", "As reported", "mg/dL", "Change from baseline", since, "Record")
+    headers = ("Date", "As reported", "mg/dL", f"Change from {reference}", since, "Record")
     return Markdown(inline(caption) + "\n\n" + table(headers, rows))
 
 
@@ -67,6 +78,15 @@ def hyperviscosity_table(finding: FollowupFinding) -> Markdown:
                 f"Condition/{cond.condition_id}",
             )
         )
+    for cond in finding.symptom_conditions:
+        rows.append(
+            (
+                "Symptom of hyperviscosity, with IgM at or above the high-risk level",
+                f"{cond.display} ({cond.code})",
+                day(cond.recorded),
+                f"Condition/{cond.condition_id}",
+            )
+        )
     return table(("Data", "As reported", "Date", "Record"), rows)
 
 
@@ -76,7 +96,10 @@ def _evidence_short(finding: FollowupFinding) -> str:
     if visc is not None and finding.high_viscosity:
         return f"viscosity {visc.reported}"
     if finding.hyperviscosity_conditions:
-        return f"diagnosis {finding.hyperviscosity_conditions[0].code}"
+        cond = finding.hyperviscosity_conditions[0]
+        return f"diagnosis {cond.code if cond.code != 'by name' else one_line(cond.display)}"
+    if finding.symptom_conditions:
+        return f"symptom {one_line(finding.symptom_conditions[0].display)}"
     return "hyperviscosity evidence"
 
 
@@ -87,15 +110,23 @@ def render_followup_card(
     values: dict[str, Any] = {
         "drug": finding.drug,
         "rise": f"{rise:.0f}%" if rise is not None else "unknown",
-        "baseline_mg_dl": mg_dl(finding.baseline.normalised) if finding.baseline else "unknown",
-        "latest_mg_dl": mg_dl(finding.latest.normalised),
+        "baseline_mg_dl": reading_mg_dl(finding.baseline) if finding.baseline else "unknown",
+        "latest_mg_dl": reading_mg_dl(finding.latest),
         "weeks": _weeks(finding, finding.latest.effective),
         "start_date": day(finding.start),
         "series_table": series_table(finding),
         "evidence_short": _evidence_short(finding),
         "hyperviscosity_table": hyperviscosity_table(finding),
+        "treatment_table": treatment_table(
+            treatment_rows(
+                finding.course, finding.not_counted, finding.exchanges, (), finding.btk_stop
+            )
+        ),
     }
-    if finding.kind in (FLARE_NO_BASELINE, BTK_REBOUND):
+    if finding.nadir is not None:
+        values["nadir_mg_dl"] = reading_mg_dl(finding.nadir)
+        values["nadir_date"] = day(finding.nadir.effective)
+    if finding.kind in (FLARE_NO_BASELINE, BTK_REBOUND, POSSIBLE_PROGRESSION):
         values["hyperviscosity_note"] = (
             builder.fragment(finding.kind, "hyperviscosity_note", values)
             if finding.hyperviscosity
@@ -108,6 +139,7 @@ def render_followup_card(
         if visc is not None and finding.high_viscosity:
             evidence.append(f"Observation/{visc.observation_id}")
         evidence += [f"Condition/{c.condition_id}" for c in finding.hyperviscosity_conditions]
+        evidence += [f"Condition/{c.condition_id}" for c in finding.symptom_conditions]
         request = plasmapheresis_request(
             patient_id,
             True,

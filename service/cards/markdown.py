@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
+from service.clinical.observations import Reading
+
 
 class Markdown(str):
     """Text already written as Markdown; the card builder inserts it without escaping."""
@@ -37,6 +39,11 @@ def inline(value: object) -> str:
     )
 
 
+def one_line(text: str, limit: int = 40) -> str:
+    """Client text shortened for a summary: plain text there, escaped by the builder in detail."""
+    return " ".join(text.split())[:limit]
+
+
 def cell(value: object) -> str:
     """Text safe inside a GitHub-flavoured Markdown table cell (FHIR text is untrusted)."""
     return "" if value is None else inline(value)
@@ -57,3 +64,8 @@ def day(when: datetime | None) -> str:
 
 def mg_dl(value: float) -> str:
     return f"{value:,.0f}"
+
+
+def reading_mg_dl(reading: Reading) -> str:
+    """An IgM in mg/dL with its bound, if the laboratory gave one ("<4,000")."""
+    return f"{reading.comparator}{mg_dl(reading.normalised)}"

@@ -1,4 +1,5 @@
-"""Which Conditions count: active (or unstated), not refuted, not entered in error."""
+"""Which Conditions count: current (active, recurring, relapsed or unstated), not refuted, not
+entered in error; recognised by code, or by name in text when no coding matches."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from service.clinical.fhir_values import objects
 from service.clinical.observations import parse_fhir_datetime
-from service.clinical.terminology import codings_of
+from service.clinical.terminology import ConditionSet, codings_of, concept_named
 
 INACTIVE_CLINICAL = frozenset({"inactive", "remission", "resolved"})
 EXCLUDED_VERIFICATION = frozenset({"entered-in-error", "refuted"})
@@ -20,6 +21,8 @@ class ConditionFact:
     condition_id: str
     code: str
     display: str
+    clinical_status: str | None = None
+    recorded: datetime | None = None  # onset, else recordedDate
 
 
 def _status_code(value: Any) -> str | None:
@@ -33,32 +36,64 @@ def _status_code(value: Any) -> str | None:
     return None
 
 
-def is_current(condition: Mapping[str, Any], now: datetime) -> bool:
-    """Active, recurring or relapsed - or with no clinical status (not taken as resolved)."""
+def is_current(condition: Mapping[str, Any], now: datetime, in_remission: bool = False) -> bool:
+    """Active, recurring or relapsed - or with no clinical status (not taken as resolved).
+
+    `in_remission`: a diagnosis in remission still counts (decision 9: a patient with WM in
+    remission who relapses is the one who is given rituximab again).
+    """
     if _status_code(condition.get("verificationStatus")) in EXCLUDED_VERIFICATION:
         return False
-    if _status_code(condition.get("clinicalStatus")) in INACTIVE_CLINICAL:
+    status = _status_code(condition.get("clinicalStatus"))
+    if in_remission and status == "remission":
+        return True
+    if status in INACTIVE_CLINICAL:
         return False
     abated = parse_fhir_datetime(condition.get("abatementDateTime"))
     return not (abated is not None and abated <= now)
 
 
+def recorded_time(condition: Mapping[str, Any]) -> datetime | None:
+    return parse_fhir_datetime(condition.get("onsetDateTime")) or parse_fhir_datetime(
+        condition.get("recordedDate")
+    )
+
+
+def concept_fact(concept: Any, wanted: ConditionSet, condition_id: str) -> ConditionFact | None:
+    """A fact for a CodeableConcept (a Condition's code, an order's reasonCode) in `wanted`."""
+    if not isinstance(concept, Mapping):
+        return None
+    for coding in objects(concept.get("coding")):
+        pair = next(iter(codings_of({"coding": [coding]})), None)
+        if pair in wanted:
+            display = coding.get("display") or concept.get("text") or coding["code"]
+            return ConditionFact(condition_id, coding["code"], display)
+    named = concept_named(concept, wanted.name_pattern)
+    if named is not None:
+        return ConditionFact(condition_id, "by name", named)
+    return None
+
+
 def matching_conditions(
-    conditions: Iterable[Mapping[str, Any]], codes: frozenset[tuple[str, str]], now: datetime
+    conditions: Iterable[Mapping[str, Any]],
+    wanted: ConditionSet,
+    now: datetime,
+    *,
+    in_remission: bool = False,
+    since: datetime | None = None,
 ) -> tuple[ConditionFact, ...]:
+    """Current Conditions in `wanted`; with `since`, only those with onset (or recorded) since."""
     facts = []
     for condition in conditions:
-        if not is_current(condition, now):
+        if not is_current(condition, now, in_remission):
             continue
-        concept = condition.get("code")
-        if not isinstance(concept, Mapping):
+        recorded = recorded_time(condition)
+        if since is not None and (recorded is None or recorded < since):
             continue
-        for coding in objects(concept.get("coding")):
-            pair = next(iter(codings_of({"coding": [coding]})), None)
-            if pair in codes:
-                display = coding.get("display") or concept.get("text") or coding["code"]
-                facts.append(
-                    ConditionFact(str(condition.get("id") or "(no id)"), coding["code"], display)
-                )
-                break
+        fact = concept_fact(condition.get("code"), wanted, str(condition.get("id") or "(no id)"))
+        if fact is not None:
+            status = _status_code(condition.get("clinicalStatus"))
+            facts.append(
+                ConditionFact(fact.condition_id, fact.code, fact.display, status, recorded)
+            )
     return tuple(facts)

@@ -1,39 +1,37 @@
-"""Decisions 3 and 4 (patient-view): is a rising IgM flare or rebound rather than failure?
+"""Decisions 3, 4 and 10 (patient-view): is a rising IgM flare, rebound after a BTK-inhibitor
+hold, or - after the flare window - possible progression?
 
+Course-aware: doses, courses, holds and exchanges come from the treatment history (decision 7),
+so an infusion recorded `not-done` is no dose and a course recorded only as an order counts.
 Pure: record, value sets, rules and now in; findings out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
 
 from service.clinical.conditions import ConditionFact, matching_conditions
-from service.clinical.fhir_values import field, objects, text
-from service.clinical.observations import Reading, parse_fhir_datetime
-from service.clinical.order_risk import hyperviscosity_evidence, read_labs
-from service.clinical.orders import medication_concepts
+from service.clinical.history import (
+    BtkStop,
+    Course,
+    Dose,
+    PlasmaExchange,
+    TreatmentHistory,
+    build_history,
+)
+from service.clinical.observations import Reading
+from service.clinical.order_risk import LabPicture, read_labs
 from service.clinical.record import PatientRecord
-from service.clinical.terminology import DrugGroup, Terminology, match_drug
+from service.clinical.terminology import Terminology
 from service.settings import RulesSettings
 
 FLARE = "flare"
 FLARE_HYPERVISCOSITY = "flare-hyperviscosity"
 FLARE_NO_BASELINE = "flare-baseline-missing"
 BTK_REBOUND = "btk-rebound"
-
-GIVEN_STATUSES = frozenset({"completed", "in-progress"})
-ORDERED_STATUSES = frozenset({"active", "completed", "on-hold", "stopped"})
-HOLD_STATUSES = frozenset({"on-hold", "stopped"})
-
-
-@dataclass(frozen=True)
-class Dose:
-    when: datetime
-    drug: str
-    record: str  # "MedicationAdministration/x" or "MedicationRequest/y"
+POSSIBLE_PROGRESSION = "possible-progression"
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,17 @@ class FollowupFinding:
     hyperviscosity_conditions: tuple[ConditionFact, ...]
     hyperviscosity: bool
     high_viscosity: bool = False  # `viscosity` is at or above the critical threshold
+    course: Course | None = None  # the anti-CD20 course (None for a BTK rebound)
+    btk_stop: BtkStop | None = None
+    exchanges: tuple[PlasmaExchange, ...] = ()  # done since the start of the baseline window
+    not_counted: tuple[Dose, ...] = ()  # administrations on record in the course that are no dose
+    nadir: Reading | None = None  # possible progression: the lowest result since the start
+    symptom_conditions: tuple[ConditionFact, ...] = ()
 
     @property
     def rise_percent(self) -> float | None:
+        if self.kind == POSSIBLE_PROGRESSION:
+            return rise_percent(self.latest, self.nadir)
         return rise_percent(self.latest, self.baseline)
 
 
@@ -61,81 +67,6 @@ def rise_percent(reading: Reading, baseline: Reading | None) -> float | None:
     if baseline is None or baseline.normalised <= 0:
         return None
     return (reading.normalised / baseline.normalised - 1) * 100
-
-
-def _drug_of(
-    resource: Mapping[str, Any], groups: tuple[DrugGroup, ...], meds: Mapping[str, Any]
-) -> str | None:
-    for concept in medication_concepts(resource, meds):
-        match = match_drug(concept, groups)
-        if match is not None:
-            return match[0].name
-    return None
-
-
-def _bounds(request: Mapping[str, Any], edge: str) -> datetime | None:
-    """The start or end of the first dosage's timing bounds."""
-    for dosage in objects(request.get("dosageInstruction")):
-        when = parse_fhir_datetime(field(dosage, "timing", "repeat", "boundsPeriod", edge))
-        if when is not None:
-            return when
-    return None
-
-
-def _request_start(request: Mapping[str, Any]) -> datetime | None:
-    start = _bounds(request, "start")
-    if start is not None:
-        return start
-    for dosage in objects(request.get("dosageInstruction")):
-        events = field(dosage, "timing", "event")
-        if isinstance(events, list) and events:
-            first = parse_fhir_datetime(events[0])
-            if first is not None:
-                return first
-    return parse_fhir_datetime(request.get("authoredOn"))
-
-
-def _request_end(request: Mapping[str, Any]) -> datetime | None:
-    # Only the end of the dosing period; a prescription's validity end is not when it was held.
-    return _bounds(request, "end")
-
-
-def anti_cd20_doses(record: PatientRecord, terminology: Terminology, now: datetime) -> list[Dose]:
-    """Doses given (administrations); failing those, doses ordered (requests). Oldest first."""
-    groups, meds = terminology.anti_cd20, record.medications
-    given = []
-    for admin in record.medication_administrations:
-        if text(admin.get("status")) not in GIVEN_STATUSES:
-            continue
-        drug = _drug_of(admin, groups, meds)
-        when = parse_fhir_datetime(admin.get("effectiveDateTime")) or parse_fhir_datetime(
-            field(admin, "effectivePeriod", "start")
-        )
-        if drug and when is not None and when <= now:
-            given.append(Dose(when, drug, f"MedicationAdministration/{admin.get('id')}"))
-    if given:
-        return sorted(given, key=lambda d: d.when)
-    ordered = []
-    for request in record.medication_requests:
-        if text(request.get("status")) not in ORDERED_STATUSES:
-            continue
-        drug = _drug_of(request, groups, meds)
-        when = _request_start(request)
-        if drug and when is not None and when <= now:
-            ordered.append(Dose(when, drug, f"MedicationRequest/{request.get('id')}"))
-    return sorted(ordered, key=lambda d: d.when)
-
-
-def course_start(doses: list[Dose], gap_days: int) -> Dose | None:
-    """First dose of the latest course: a gap longer than `gap_days` starts a new course."""
-    if not doses:
-        return None
-    start = doses[-1]
-    for earlier in reversed(doses[:-1]):
-        if start.when - earlier.when > timedelta(days=gap_days):
-            break
-        start = earlier
-    return start
 
 
 def _split(series: Iterable[Reading], start: datetime) -> tuple[Reading | None, list[Reading]]:
@@ -148,58 +79,100 @@ def _split(series: Iterable[Reading], start: datetime) -> tuple[Reading | None, 
     return (before[-1] if before else None), after
 
 
+def _viscosity_evidence(
+    labs: LabPicture, history: TreatmentHistory, since: datetime, threshold: float
+) -> tuple[Reading | None, bool]:
+    """The latest viscosity since `since` (the start of the baseline window), and whether it is
+    evidence: at or above the threshold with no plasma exchange after it (decision 10). A lower
+    viscosity measured later is the latest, so it is not evidence either."""
+    recent = [r for r in labs.viscosity_series if r.effective >= since]
+    if not recent:
+        return labs.viscosity, False
+    latest = recent[-1]
+    return latest, latest.at_least(threshold) and not history.exchanges_after(latest.effective)
+
+
 def assess_followup(
     record: PatientRecord, terminology: Terminology, rules: RulesSettings, now: datetime
 ) -> list[FollowupFinding]:
     labs = read_labs(record, terminology, rules, now)
-    wm = matching_conditions(record.conditions, terminology.wm_conditions, now)
-    paraprotein = any(r.normalised >= rules.igm_high_mg_dl for r in labs.igm_series)
+    wm = matching_conditions(record.conditions, terminology.wm_conditions, now, in_remission=True)
+    paraprotein = any(r.at_least(rules.igm_high_mg_dl) for r in labs.igm_series)
     if not wm and not paraprotein:
         return []  # decision 1: e.g. rituximab for rheumatoid arthritis or CLL is not in scope
+    history = build_history(record, terminology, rules, now)
     hyper_conditions = matching_conditions(
         record.conditions, terminology.hyperviscosity_conditions, now
     )
-    hyperviscous = hyperviscosity_evidence(labs, hyper_conditions)
+    symptoms: tuple[ConditionFact, ...] = ()
+    if labs.igm_series and labs.igm_series[-1].at_least(rules.igm_high_mg_dl):
+        symptoms = matching_conditions(
+            record.conditions,
+            terminology.hyperviscosity_symptoms,
+            now,
+            since=now - timedelta(days=rules.viscosity_lookback_days),
+        )
     findings = []
-    flare = _flare(record, terminology, rules, now, labs.igm_series)
-    if flare is not None:
-        findings.append(flare)
-    rebound = _btk_rebound(record, terminology, rules, now, labs.igm_series)
-    if rebound is not None:
-        findings.append(rebound)
-    evidence = {
-        "viscosity": labs.viscosity,
-        "hyperviscosity_conditions": hyper_conditions,
-        "hyperviscosity": hyperviscous,
-        "high_viscosity": labs.high_viscosity,
-    }
-    if hyperviscous:
-        # Flare or rebound, a rising IgM with hyperviscosity is dangerous whatever its cause.
-        return [
-            replace(
-                f,
-                kind=FLARE_HYPERVISCOSITY if f.kind == FLARE else f.kind,
-                indicator="critical",
-                **evidence,
+    course = history.latest_course
+    if course is not None:
+        finding = _flare(course, rules, now, labs.igm_series) or _progression(
+            course, rules, now, labs.igm_series
+        )
+        if finding is not None:
+            findings.append(finding)
+    if history.btk_stops:
+        rebound = _btk_rebound(history.btk_stops[-1], rules, labs.igm_series)
+        if rebound is not None:
+            findings.append(rebound)
+    result = []
+    for f in findings:
+        since = f.start - timedelta(days=rules.baseline_max_age_days)
+        viscosity, high = _viscosity_evidence(labs, history, since, rules.viscosity_critical_cp)
+        hyperviscous = bool(hyper_conditions) or high or bool(symptoms)
+        f = replace(
+            f,
+            viscosity=viscosity,
+            high_viscosity=high,
+            hyperviscosity_conditions=hyper_conditions,
+            symptom_conditions=symptoms,
+            hyperviscosity=hyperviscous,
+            exchanges=tuple(e for e in history.exchanges if e.when >= since),
+            not_counted=tuple(d for d in history.not_counted if d.when >= since),
+        )
+        if hyperviscous:
+            # Flare, rebound or progression, a rising IgM with hyperviscosity is dangerous.
+            f = replace(
+                f, kind=FLARE_HYPERVISCOSITY if f.kind == FLARE else f.kind, indicator="critical"
             )
-            for f in findings
-        ]
-    return [replace(f, **evidence) for f in findings]
+        result.append(f)
+    return result
+
+
+def _course_finding(kind: str, course: Course, latest: Reading, series, **kw) -> FollowupFinding:
+    return FollowupFinding(
+        kind,
+        "info",
+        drug=course.drug,
+        start=course.start,
+        start_record=course.start_resource,
+        latest=latest,
+        series=tuple(series),
+        viscosity=None,
+        hyperviscosity_conditions=(),
+        hyperviscosity=False,
+        course=course,
+        **kw,
+    )
 
 
 def _flare(
-    record: PatientRecord,
-    terminology: Terminology,
-    rules: RulesSettings,
-    now: datetime,
-    series: tuple[Reading, ...],
+    course: Course, rules: RulesSettings, now: datetime, series: tuple[Reading, ...]
 ) -> FollowupFinding | None:
-    first = course_start(anti_cd20_doses(record, terminology, now), rules.course_gap_days)
-    if first is None or not series:
+    if not series:
         return None
-    baseline, after = _split(series, first.when)
+    baseline, after = _split(series, course.start)
     latest = series[-1]
-    window_end = first.when + timedelta(days=rules.flare_window_days)
+    window_end = course.start + timedelta(days=rules.flare_window_days)
     # A card stays while the reading is current: once the window and a look-back period have
     # passed with no new result, "probable flare" would be stale advice.
     stale = now > window_end + timedelta(days=rules.igm_lookback_days)
@@ -207,53 +180,45 @@ def _flare(
         return None  # nothing measured since the start, or the flare window has passed
     if (
         baseline is not None
-        and (first.when.date() - baseline.effective.date()).days > rules.baseline_max_age_days
+        and (course.start.date() - baseline.effective.date()).days > rules.baseline_max_age_days
     ):
         baseline = None  # too old to tell a flare from the disease's own course before treatment
-    shown = tuple(([baseline] if baseline else []) + after)
-    common = dict(
-        drug=first.drug,
-        start=first.when,
-        start_record=first.record,
-        baseline=baseline,
-        latest=latest,
-        series=shown,
-        viscosity=None,
-        hyperviscosity_conditions=(),
-        hyperviscosity=False,
-    )
+    shown = ([baseline] if baseline else []) + after
     if baseline is None:
-        return FollowupFinding(FLARE_NO_BASELINE, "info", **common)
+        return _course_finding(FLARE_NO_BASELINE, course, latest, shown, baseline=None)
     rise = rise_percent(latest, baseline)
     if rise is not None and rise > rules.flare_rise_percent:
-        return FollowupFinding(FLARE, "info", **common)
+        return _course_finding(FLARE, course, latest, shown, baseline=baseline)
     return None
 
 
-def _btk_rebound(
-    record: PatientRecord,
-    terminology: Terminology,
-    rules: RulesSettings,
-    now: datetime,
-    series: tuple[Reading, ...],
+def _progression(
+    course: Course, rules: RulesSettings, now: datetime, series: tuple[Reading, ...]
 ) -> FollowupFinding | None:
-    groups, meds = terminology.btk_inhibitors, record.medications
-    btk = []
-    for request in record.medication_requests:
-        drug = _drug_of(request, groups, meds)
-        if drug and text(request.get("status")) in ORDERED_STATUSES:
-            btk.append(
-                (_request_start(request) or datetime.min.replace(tzinfo=now.tzinfo), drug, request)
-            )
-    if not btk:
+    """After the flare window, a rise of more than the progression percentage over the nadir,
+    confirmed by a second result (IWWM-6), is possible progression - never read as flare."""
+    baseline, after = _split(series, course.start)
+    if len(after) < 3:
+        return None  # a nadir and two results above it are needed
+    window_end = course.start + timedelta(days=rules.flare_window_days)
+    confirming, latest = after[-2], after[-1]
+    if confirming.effective <= window_end:
+        return None  # inside the flare window a rise is read as flare, not progression
+    if now - latest.effective > timedelta(days=rules.igm_lookback_days):
+        return None  # not current
+    nadir = min(after[:-2], key=lambda r: r.normalised)
+    limit = rules.progression_rise_percent
+    if not all((rise_percent(r, nadir) or 0) > limit for r in (confirming, latest)):
         return None
-    _, drug, latest_request = max(btk, key=lambda item: item[0])
-    if text(latest_request.get("status")) not in HOLD_STATUSES:
-        return None  # still on the drug, or resumed after a hold
-    held = _request_end(latest_request)
-    if held is None or held > now or now - held > timedelta(days=rules.btk_hold_window_days):
-        return None
-    baseline, after = _split(series, held)
+    return _course_finding(
+        POSSIBLE_PROGRESSION, course, latest, [*after], baseline=baseline, nadir=nadir
+    )
+
+
+def _btk_rebound(
+    stop: BtkStop, rules: RulesSettings, series: tuple[Reading, ...]
+) -> FollowupFinding | None:
+    baseline, after = _split(series, stop.when)
     if not after:
         return None
     latest = after[-1]
@@ -263,13 +228,14 @@ def _btk_rebound(
     return FollowupFinding(
         BTK_REBOUND,
         "info",
-        drug,
-        held,
-        f"MedicationRequest/{latest_request.get('id')}",
+        stop.drug,
+        stop.when,
+        stop.resource,
         baseline,
         latest,
         (baseline, *after),
         None,
         (),
         False,
+        btk_stop=stop,
     )

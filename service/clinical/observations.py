@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from service.clinical.fhir_values import field, objects
 from service.clinical.terminology import codings_of
 
 USABLE_STATUSES = frozenset({"final", "amended", "corrected"})
@@ -100,10 +101,22 @@ class Reading:
     status: str
     # IgM in mg/dL; for viscosity, the value as reported (cP or relative).
     normalised: float
+    # The laboratory's upper reference limit, in the same scale as `normalised`, if given.
+    reference_high: float | None = None
 
     @property
     def reported(self) -> str:
         return f"{self.comparator}{_number(self.value)} {self.unit}".strip()
+
+    def at_least(self, threshold: float) -> bool:
+        """Whether the result is at or above `threshold`.
+
+        A bound is used only when it falls on one side of the thresholds (see order_risk): "<"
+        and "<=" results are below, whatever their number; ">" and ">=" compare by the bound.
+        """
+        if self.comparator in ("<", "<="):
+            return False
+        return self.normalised >= threshold
 
 
 @dataclass(frozen=True)
@@ -121,13 +134,17 @@ def _number(value: float) -> str:
     return str(value) if isinstance(value, int) else repr(value)
 
 
+class _NotANumber(Exception):
+    """valueQuantity is there but its value is not a finite number."""
+
+
 def _quantity(resource: Mapping[str, Any]) -> tuple[float, str, str, str] | None:
     quantity = resource.get("valueQuantity")
     if not isinstance(quantity, Mapping):
         return None
     value = quantity.get("value")
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
+        raise _NotANumber
     code = quantity.get("code") if quantity.get("system") in (None, UCUM) else None
     unit = quantity.get("unit")
     comparator = quantity.get("comparator") or ""
@@ -184,7 +201,12 @@ def classify(
             what = "serum IgM" if kind == "igm" else "serum viscosity"
             unusable.append(Unusable(obs_id, when, _code_text(resource), f"not a {what} code"))
             continue
-        quantity = _quantity(resource)
+        try:
+            quantity = _quantity(resource)
+        except _NotANumber:
+            value = field(resource, "valueQuantity", "value")
+            unusable.append(Unusable(obs_id, when, str(value)[:40], "not a number"))
+            continue
         if quantity is None:
             shown = _describe_value(resource)
             unusable.append(Unusable(obs_id, when, shown, "no numeric value"))
@@ -194,6 +216,11 @@ def classify(
         if when is None:
             unusable.append(Unusable(obs_id, None, shown, "no effective date"))
             continue
+        if value < 0 or (value == 0 and kind == "igm"):
+            # Not a concentration: an instrument or transcription error, never reassurance.
+            reason = "negative value" if value < 0 else "zero is not a possible serum IgM"
+            unusable.append(Unusable(obs_id, when, shown, reason))
+            continue
         if kind == "viscosity" and not code and not unit.strip():
             unit = "relative"  # a pure number: viscosity relative to water
         unit_entry, problem = _resolve_unit(code, unit, known)
@@ -202,12 +229,51 @@ def classify(
             continue
         normalised = value * unit_entry if kind == "igm" else value
         readings.append(
-            Reading(obs_id, when, value, unit or code, comparator, resource["status"], normalised)
+            Reading(
+                obs_id,
+                when,
+                value,
+                unit or code,
+                comparator,
+                resource["status"],
+                normalised,
+                _reference_high(resource, kind, known),
+            )
         )
-    # Ties on time are broken by id so the answer never depends on Bundle order.
-    readings.sort(key=lambda r: (r.effective, r.observation_id))
+    # Results at the same instant: the higher-risk one sorts last, so it is the one used as
+    # "latest" (decision 5); then by id, so the answer never depends on Bundle order.
+    readings.sort(key=lambda r: (r.effective, _risk(r), r.observation_id))
     unusable.sort(key=lambda u: (u.effective or datetime.min.replace(tzinfo=UTC), u.observation_id))
     return readings, unusable
+
+
+def _risk(reading: Reading) -> float:
+    # An upper bound ("<4000") is lower risk than any value it allows.
+    return -math.inf if reading.comparator in ("<", "<=") else reading.normalised
+
+
+def _reference_high(
+    resource: Mapping[str, Any], kind: str, known: Mapping[str, Any]
+) -> float | None:
+    """The first reference range's upper limit, on the scale the rules compare (mg/dL for IgM)."""
+    for ranges in objects(resource.get("referenceRange")):
+        high = ranges.get("high")
+        value = field(high, "value")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            continue
+        code = field(high, "code")
+        unit = field(high, "unit")
+        entry, _ = _resolve_unit(
+            code if isinstance(code, str) else "", unit if isinstance(unit, str) else "", known
+        )
+        if entry is None:
+            return None
+        return value * entry if kind == "igm" else value
+    return None
 
 
 def _code_text(resource: Mapping[str, Any]) -> str:

@@ -2,59 +2,23 @@
 
 Orders arrive in several shapes: R4 MedicationRequest (the target), STU3 MedicationRequest and
 DSTU2 MedicationOrder (the public sandbox's defaults), and R5's `medication` CodeableReference.
-The order a warning is about is checked against its version's FHIR model. Only the fields the
-rules read (type, id, status, intent, medication, subject) must be readable: a broken one is a 400
-naming the entry. A deviation anywhere else (wrong cardinality, a field from another FHIR version,
-an unknown extension shape) is tolerated and returned as a `Deviation`, path and problem only, so
-it can be logged without the value. An order that looks R4 but is valid only as STU3 (the sandbox
-omits STU3's marker fields) is read as STU3.
+The order a warning is about is checked against its version's FHIR model (order_model.py), which
+tolerates deviations in fields the rules do not read.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from service.clinical.fhir_values import UnreadableData, field, objects
+from service.clinical.fhir_values import field, objects
+from service.clinical.order_model import Deviation, DraftOrderError, validate, warm_up_models
 from service.clinical.terminology import DrugGroup, match_drug
 
+__all__ = ["Deviation", "DraftOrderError", "DrugOrder", "find_drug_orders", "warm_up_models"]
+
 MEDICATION_ORDER_TYPES = frozenset({"MedicationRequest", "MedicationOrder"})
-
-
-# The fields the rules read from a draft order. A flaw in one of these stops the assessment; a
-# flaw anywhere else does not. `patient` is DSTU2's name for `subject`.
-READ_FIELDS = frozenset(
-    {
-        "resourceType",
-        "id",
-        "status",
-        "intent",
-        "medicationCodeableConcept",
-        "medicationReference",
-        "medication",
-        "subject",
-        "patient",
-    }
-)
-
-
-@dataclass(frozen=True)
-class Deviation:
-    """A tolerated departure from the FHIR model: where it is and what is wrong, never the value."""
-
-    location: str
-    problem: str
-
-
-class DraftOrderError(UnreadableData):
-    """A draft order cannot be read; `location` names the entry (context.draftOrders.entry[2])."""
-
-    error = "invalid_fhir"
-    lead = "a draft order cannot be read: "
 
 
 @dataclass(frozen=True)
@@ -67,6 +31,10 @@ class DrugOrder:
     drug: str
     matched_by: str
     fhir_version: str
+    status: str = ""
+    # The order's indication: reasonCode concepts, and reasonReference targets or displays.
+    reasons: tuple[Mapping[str, Any], ...] = ()
+    reason_references: tuple[str, ...] = ()
     deviations: tuple[Deviation, ...] = ()
 
 
@@ -82,110 +50,6 @@ def _version_of(resource: Mapping[str, Any]) -> str:
     ):
         return "STU3"
     return "R4"
-
-
-@dataclass(frozen=True)
-class _ModelProblem:
-    path: tuple[str | int, ...]
-    problem: str
-
-
-def _problems(resource: Mapping[str, Any], version: str) -> list[_ModelProblem]:
-    """Why `resource` is not a valid FHIR `version` MedicationRequest (empty when it is)."""
-    model = _model_class("MedicationRequest", version)
-    try:
-        model.model_validate(resource)
-    except ValidationError as exc:
-        return [_ModelProblem(tuple(err["loc"]), _describe(err)) for err in exc.errors()]
-    except (KeyError, TypeError, ValueError):
-        # fhir.resources looks up the model of each contained resource by its resourceType and
-        # fails outside pydantic when the type is unknown (KeyError) or not a string (TypeError).
-        return [_ModelProblem(("contained",), _contained_type_problem(resource, version))]
-    return []
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    # Pydantic's own messages name the expected shape, not the input; messages from custom
-    # validators may quote the value, so they are reduced to their kind.
-    kind = str(error.get("type", ""))
-    if kind.startswith("value_error") or kind.startswith("assertion_error"):
-        return "invalid value"
-    return str(error.get("msg", kind))[:120]
-
-
-def _contained_type_problem(resource: Mapping[str, Any], version: str) -> str:
-    contained = resource.get("contained")
-    if isinstance(contained, Sequence) and not isinstance(contained, str):
-        for index, item in enumerate(contained):
-            if not isinstance(item, Mapping) or "resourceType" not in item:
-                continue
-            kind = item["resourceType"]
-            if not isinstance(kind, str):
-                return f"contained.{index}.resourceType: must be a string"
-            if _model_class(kind, version) is None:
-                return (
-                    f"contained.{index}.resourceType: {kind[:60]!r} is not a FHIR {version} "
-                    "resource"
-                )
-    return "contained: a resource has an unknown or non-string resourceType"
-
-
-def _model_class(resource_type: str, version: str) -> Any:
-    """The fhir.resources model for a resource type in `version`, or None if there is none.
-
-    Imported on first use: each version's models cost start-up time and memory only when used.
-    """
-    package = {"R4": "fhir.resources.R4B", "STU3": "fhir.resources.STU3"}.get(
-        version, "fhir.resources"
-    )
-    try:
-        return importlib.import_module(package).get_fhir_model_class(resource_type)
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _validate(
-    resource: Mapping[str, Any], version: str, location: str
-) -> tuple[str, tuple[Deviation, ...]]:
-    """The FHIR version `resource` is read as, and the deviations tolerated in it.
-
-    STU3 orders need not carry an STU3-only field (the public sandbox's drafts have no
-    `context`, `definition` or `requester.agent`), so an order read as R4 that R4 refuses but
-    STU3 accepts (e.g. `dosageInstruction[].doseQuantity`) is STU3. Otherwise the problems found
-    against `version` are split: one in a field the rules read raises DraftOrderError; the rest
-    are returned as deviations. A required field that is absent is a deviation too: the rules
-    do without it, and only a value that is present and unreadable is refused.
-    """
-    if version == "DSTU2":
-        return version, ()  # no DSTU2 models ship with fhir.resources; the fields read were checked
-    problems = _problems(resource, version)
-    if not problems:
-        return version, ()
-    if version == "R4" and resource.get("resourceType") == "MedicationRequest":
-        if not _problems(resource, "STU3"):
-            return "STU3", ()
-    fatal = [
-        p for p in problems if (not p.path or p.path[0] in READ_FIELDS) and not _absent(p, resource)
-    ]
-    if fatal:
-        described = "; ".join(f"{_dotted(p.path) or '(resource)'}: {p.problem}" for p in fatal[:3])
-        raise DraftOrderError(
-            location, f"not a valid FHIR {version} MedicationRequest ({described})"
-        )
-    return version, tuple(
-        Deviation(f"{location}.resource.{_dotted(p.path)}", p.problem) for p in problems
-    )
-
-
-def _absent(problem: _ModelProblem, resource: Mapping[str, Any]) -> bool:
-    return len(problem.path) == 1 and problem.path[0] not in resource
-
-
-def _dotted(path: Sequence[str | int]) -> str:
-    text = ""
-    for step in path:
-        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else str(step))
-    return text
 
 
 _MEDICATION_FIELDS = {
@@ -231,8 +95,27 @@ def _medication_concepts(
         target = _resolve_medication(reference.get("reference"), resource, medications)
         if target is not None and isinstance(target.get("code"), Mapping):
             concepts.append(target["code"])
+        if target is not None:
+            concepts += _ingredient_concepts(target)
         if isinstance(reference.get("display"), str):
             concepts.append({"text": reference["display"]})
+    return concepts
+
+
+def _ingredient_concepts(medication: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """What a Medication's ingredients name: R4/STU3 `itemCodeableConcept` (or a reference's
+    display), R5 `item.concept`. A compounded or kit product may name its antibody only here."""
+    concepts: list[Mapping[str, Any]] = []
+    for ingredient in objects(medication.get("ingredient")):
+        for concept in (
+            ingredient.get("itemCodeableConcept"),
+            field(ingredient, "item", "concept"),
+        ):
+            if isinstance(concept, Mapping):
+                concepts.append(concept)
+        for reference in (ingredient.get("itemReference"), field(ingredient, "item", "reference")):
+            if isinstance(field(reference, "display"), str):
+                concepts.append({"text": reference["display"]})
     return concepts
 
 
@@ -298,10 +181,23 @@ def find_drug_orders(
                 # The order the advice is about is checked whole against its version's model;
                 # other orders only for the fields read, so a flaw in an unrelated order can
                 # neither hide nor block the warning.
-                version, deviations = _validate(resource, version, location)
+                version, deviations = validate(resource, version, location)
                 _check_patient(resource, patient_id, location)
                 group, how = match
-                found.append(DrugOrder(reference, group.name, how, version, deviations))
+                status = resource.get("status")
+                reasons, reason_references = _reasons(resource)
+                found.append(
+                    DrugOrder(
+                        reference,
+                        group.name,
+                        how,
+                        version,
+                        status=status if isinstance(status, str) else "",
+                        reasons=reasons,
+                        reason_references=reason_references,
+                        deviations=deviations,
+                    )
+                )
                 break
     if wanted is not None:
         missing = sorted(wanted - seen)
@@ -324,54 +220,25 @@ def _check_patient(resource: Mapping[str, Any], patient_id: str | None, location
         )
 
 
-# A typical R4 draft order: coded medication, contained Medication, dosage with timing, route
-# and dose. fhir.resources imports and builds each element's model on first use.
-_WARM_UP_ORDER: dict[str, Any] = {
-    "resourceType": "MedicationRequest",
-    "id": "warm-up",
-    "contained": [{"resourceType": "Medication", "id": "m", "code": {"text": "rituximab"}}],
-    "status": "draft",
-    "intent": "order",
-    "medicationCodeableConcept": {
-        "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "121191"}],
-        "text": "rituximab",
-    },
-    "subject": {"reference": "Patient/warm-up"},
-    "authoredOn": "2026-11-20T11:50:00Z",
-    "requester": {"reference": "Practitioner/warm-up", "display": "warm-up"},
-    "dosageInstruction": [
-        {
-            "sequence": 1,
-            "text": "375 mg/m2 IV",
-            "timing": {
-                "repeat": {
-                    "boundsPeriod": {"start": "2026-11-23"},
-                    "count": 6,
-                    "frequency": 1,
-                    "period": 28,
-                    "periodUnit": "d",
-                }
-            },
-            "route": {"coding": [{"system": "http://snomed.info/sct", "code": "47625008"}]},
-            "doseAndRate": [
-                {
-                    "type": {"coding": [{"code": "ordered"}]},
-                    "doseQuantity": {
-                        "value": 375,
-                        "unit": "mg/m2",
-                        "system": "http://unitsofmeasure.org",
-                        "code": "mg/m2",
-                    },
-                }
-            ],
-        }
-    ],
-}
-
-
-def warm_up_models() -> None:
-    """Load the R4 models at start-up: otherwise each worker's first order call pays ~150 ms.
-
-    Only R4, the target version; STU3 and R5 models stay lazy (see _model_class).
-    """
-    _validate(_WARM_UP_ORDER, "R4", "warm-up")
+def _reasons(resource: Mapping[str, Any]) -> tuple[tuple[Mapping[str, Any], ...], tuple[str, ...]]:
+    """reasonCode / reasonReference (R4, STU3) or `reason` CodeableReferences (R5)."""
+    concepts = list(objects(resource.get("reasonCode")))
+    references = list(objects(resource.get("reasonReference")))
+    for reason in objects(resource.get("reason")):
+        if isinstance(reason.get("concept"), Mapping):
+            concepts.append(reason["concept"])
+        if isinstance(reason.get("reference"), Mapping):
+            references.append(reason["reference"])
+    targets = []
+    for reference in references:
+        target = reference.get("reference")
+        if isinstance(target, str) and target.startswith("#"):
+            # A contained Condition: its code is the indication.
+            for contained in objects(resource.get("contained")):
+                if contained.get("id") == target[1:] and isinstance(contained.get("code"), Mapping):
+                    concepts.append(contained["code"])
+        elif isinstance(target, str):
+            targets.append(target)
+        if isinstance(reference.get("display"), str):
+            concepts.append({"text": reference["display"]})
+    return tuple(concepts), tuple(targets)

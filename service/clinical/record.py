@@ -23,6 +23,7 @@ class PatientRecord:
     viscosity: tuple[Resource, ...] = ()
     medication_requests: tuple[Resource, ...] = ()
     medication_administrations: tuple[Resource, ...] = ()
+    procedures: tuple[Resource, ...] = ()
     # Medication resources seen anywhere in the record, by "Medication/id".
     medications: Mapping[str, Resource] = field(default_factory=dict)
 
@@ -34,6 +35,7 @@ RECORD_KEYS: dict[str, tuple[str, str]] = {
     "viscosity": ("viscosity", "Observation"),
     "medicationRequests": ("medication_requests", "MedicationRequest"),
     "medicationAdministrations": ("medication_administrations", "MedicationAdministration"),
+    "procedures": ("procedures", "Procedure"),
 }
 
 
@@ -82,5 +84,6 @@ def build_record(patient_id: str, searches: Mapping[str, Resource | None]) -> Pa
         viscosity=tuple(parts["viscosity"]),
         medication_requests=tuple(parts["medication_requests"]),
         medication_administrations=tuple(parts["medication_administrations"]),
+        procedures=tuple(parts["procedures"]),
         medications=medications,
     )

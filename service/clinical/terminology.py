@@ -45,13 +45,27 @@ class DrugGroup:
 
 
 @dataclass(frozen=True)
+class ConditionSet:
+    """Diagnosis codes, and names recognised in a Condition's text when no coding matches."""
+
+    codes: frozenset[tuple[str, str]]
+    name_pattern: re.Pattern[str]
+
+    def __contains__(self, pair: object) -> bool:
+        return pair in self.codes
+
+
+@dataclass(frozen=True)
 class Terminology:
     igm: frozenset[tuple[str, str]]
     viscosity: frozenset[tuple[str, str]]
-    wm_conditions: frozenset[tuple[str, str]]
-    hyperviscosity_conditions: frozenset[tuple[str, str]]
+    wm_conditions: ConditionSet
+    hyperviscosity_conditions: ConditionSet
     anti_cd20: tuple[DrugGroup, ...]
     btk_inhibitors: tuple[DrugGroup, ...]
+    mgus_conditions: ConditionSet
+    hyperviscosity_symptoms: ConditionSet
+    plasma_exchange: frozenset[tuple[str, str]]
 
     def igm_search_codes(self) -> str:
         """The `code=` parameter for a FHIR search that finds every code counted as serum IgM."""
@@ -71,8 +85,21 @@ def codings_of(concept: Mapping[str, Any] | None) -> Iterable[tuple[str, str]]:
             yield normalise_code(system, code)
 
 
-def concept_matches(concept: Mapping[str, Any] | None, codes: frozenset[tuple[str, str]]) -> bool:
+def concept_matches(
+    concept: Mapping[str, Any] | None, codes: frozenset[tuple[str, str]] | ConditionSet
+) -> bool:
     return any(pair in codes for pair in codings_of(concept))
+
+
+def concept_named(concept: Mapping[str, Any] | None, pattern: re.Pattern[str]) -> str | None:
+    """The text or display of a CodeableConcept in which `pattern` finds a name, if any."""
+    if not isinstance(concept, Mapping):
+        return None
+    texts = [concept.get("text")] + [c.get("display") for c in objects(concept.get("coding"))]
+    for text in texts:
+        if isinstance(text, str) and pattern.search(text):
+            return text.strip()
+    return None
 
 
 def match_drug(
@@ -134,18 +161,27 @@ def _code_set(
 _BIOSIMILAR_SUFFIX = r"-[a-z]{4}"
 
 
+def _name_pattern(names: Iterable[str], suffixed: Iterable[str] = ()) -> re.Pattern[str]:
+    """Whole-word, case-insensitive match of any of `names` (never matches when there are none)."""
+    # Longest names first so "rituximab-abbs" is preferred over its prefix "rituximab".
+    alternatives = [re.escape(n.strip()) for n in sorted(names, key=len, reverse=True)]
+    # "rituximab-xyzz", a biosimilar not listed as a group of its own, is still rituximab;
+    # listed biosimilars are matched first (see the sort below) so the card names them.
+    alternatives += [re.escape(n) + _BIOSIMILAR_SUFFIX for n in suffixed]
+    if not alternatives:
+        return _NEVER
+    return re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
+
+
 def _drug_groups(
-    entries: Iterable[Mapping[str, Any]], extra: Iterable[str], extra_name: str
+    entries: Iterable[Mapping[str, Any]],
+    extra: Iterable[str],
+    extra_name: str,
+    extra_names: Iterable[str] = (),
 ) -> tuple[DrugGroup, ...]:
     groups = []
     for entry in entries:
-        # Longest names first so "rituximab-abbs" is preferred over its prefix "rituximab".
-        names = sorted(entry["names"], key=len, reverse=True)
-        alternatives = [re.escape(n) for n in names]
-        # "rituximab-xyzz", a biosimilar not listed as a group of its own, is still rituximab;
-        # listed biosimilars are matched first (see the sort below) so the card names them.
-        alternatives += [re.escape(n) + _BIOSIMILAR_SUFFIX for n in entry.get("suffixed_names", ())]
-        pattern = re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
+        pattern = _name_pattern(entry["names"], entry.get("suffixed_names", ()))
         unverified = _code_set((e for e in entry["codes"] if not e.get("verified", False)), ())
         groups.append(DrugGroup(entry["name"], _code_set(entry["codes"], ()), pattern, unverified))
     # Biosimilars and brands are checked before plain "rituximab" so the card names the product.
@@ -153,10 +189,20 @@ def _drug_groups(
     extra_codes = _code_set((), extra)
     if extra_codes:
         groups.append(DrugGroup(extra_name, extra_codes, _NEVER))
+    # A site-configured name is a drug of its own: the card names it as the site wrote it.
+    for name in extra_names:
+        groups.append(DrugGroup(name.strip(), frozenset(), _name_pattern([name])))
     return tuple(groups)
 
 
 _NEVER = re.compile(r"(?!)")
+
+
+def _condition_set(
+    data: Mapping[str, Any], key: str, extra_codes: Iterable[str], extra_names: Iterable[str] = ()
+) -> ConditionSet:
+    names = [*data.get(f"{key}_names", ()), *extra_names]
+    return ConditionSet(_code_set(data[key], extra_codes), _name_pattern(names))
 
 
 def build_terminology(settings: TerminologySettings) -> Terminology:
@@ -164,16 +210,30 @@ def build_terminology(settings: TerminologySettings) -> Terminology:
     return Terminology(
         igm=_code_set(data["igm"], settings.igm_codes),
         viscosity=_code_set(data["viscosity"], settings.viscosity_codes),
-        wm_conditions=_code_set(data["wm_conditions"], settings.wm_condition_codes),
-        hyperviscosity_conditions=_code_set(
-            data["hyperviscosity_conditions"], settings.hyperviscosity_condition_codes
+        wm_conditions=_condition_set(
+            data, "wm_conditions", settings.wm_condition_codes, settings.wm_condition_names
+        ),
+        hyperviscosity_conditions=_condition_set(
+            data,
+            "hyperviscosity_conditions",
+            settings.hyperviscosity_condition_codes,
+            settings.hyperviscosity_condition_names,
         ),
         anti_cd20=_drug_groups(
-            data["anti_cd20"], settings.anti_cd20_codes, "anti-CD20 antibody (site-configured code)"
+            data["anti_cd20"],
+            settings.anti_cd20_codes,
+            "anti-CD20 antibody (site-configured code)",
+            settings.anti_cd20_names,
         ),
         btk_inhibitors=_drug_groups(
             data["btk_inhibitors"],
             settings.btk_inhibitor_codes,
             "BTK inhibitor (site-configured code)",
+            settings.btk_inhibitor_names,
         ),
+        mgus_conditions=_condition_set(data, "mgus_conditions", settings.mgus_condition_codes),
+        hyperviscosity_symptoms=_condition_set(
+            data, "hyperviscosity_symptoms", settings.hyperviscosity_symptom_codes
+        ),
+        plasma_exchange=_code_set(data["plasma_exchange"], settings.plasma_exchange_codes),
     )

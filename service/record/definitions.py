@@ -39,11 +39,19 @@ class ServiceDefinition:
         }
 
 
-def prefetch_templates(terminology: Terminology, with_medications: bool) -> dict[str, str]:
+def prefetch_templates(terminology: Terminology) -> dict[str, str]:
+    """The same record for every hook: the course of treatment matters to all three.
+
+    Large pages (`_count`) so that a long chart fits in one or a few; servers that cap the page
+    size are paged through (`fhir.max_pages`).
+    """
     patient = "{{context.patientId}}"
-    templates = {
+    exchange_codes = ",".join(
+        f"{system}|{code}" for system, code in sorted(terminology.plasma_exchange)
+    )
+    return {
         "patient": f"Patient/{patient}",
-        "conditions": f"Condition?patient={patient}",
+        "conditions": f"Condition?patient={patient}&_count=500",
         "igm": (
             f"Observation?patient={patient}&code={terminology.igm_search_codes()}"
             "&_sort=-date&_count=100"
@@ -52,22 +60,21 @@ def prefetch_templates(terminology: Terminology, with_medications: bool) -> dict
             f"Observation?patient={patient}&code={terminology.viscosity_search_codes()}"
             "&_sort=-date&_count=50"
         ),
-    }
-    if with_medications:
         # Medications are often coded on a referenced Medication resource, not inline; asking
         # for them here lets the record read the code without a second query.
-        templates["medicationRequests"] = (
+        "medicationRequests": (
             f"MedicationRequest?patient={patient}&_include=MedicationRequest:medication&_count=200"
-        )
-        templates["medicationAdministrations"] = (
+        ),
+        "medicationAdministrations": (
             f"MedicationAdministration?patient={patient}"
             "&_include=MedicationAdministration:medication&_count=200"
-        )
-    return templates
+        ),
+        "procedures": f"Procedure?patient={patient}&code={exchange_codes}&_count=100",
+    }
 
 
 def build_definitions(terminology: Terminology) -> dict[str, ServiceDefinition]:
-    order_prefetch = prefetch_templates(terminology, with_medications=False)
+    prefetch = prefetch_templates(terminology)
     definitions = [
         ServiceDefinition(
             id=ORDER_SELECT,
@@ -76,9 +83,10 @@ def build_definitions(terminology: Terminology) -> dict[str, ServiceDefinition]:
             description=(
                 "When rituximab or another anti-CD20 antibody is selected for a patient with "
                 "Waldenström macroglobulinemia or an IgM paraprotein, warns of IgM flare and "
-                "hyperviscosity, using the latest serum IgM and viscosity."
+                "hyperviscosity, using the latest serum IgM and viscosity and the course of "
+                "treatment (doses given, plasma exchange)."
             ),
-            prefetch=order_prefetch,
+            prefetch=prefetch,
         ),
         ServiceDefinition(
             id=ORDER_SIGN,
@@ -87,9 +95,10 @@ def build_definitions(terminology: Terminology) -> dict[str, ServiceDefinition]:
             description=(
                 "Before an anti-CD20 antibody order is signed for a patient with Waldenström "
                 "macroglobulinemia or an IgM paraprotein, checks the latest serum IgM and "
-                "viscosity and advises plasmapheresis or deferring the antibody when high."
+                "viscosity and the course of treatment, and advises plasmapheresis or deferring "
+                "the antibody when high at the start of therapy."
             ),
-            prefetch=order_prefetch,
+            prefetch=prefetch,
         ),
         ServiceDefinition(
             id=PATIENT_VIEW,
@@ -98,9 +107,10 @@ def build_definitions(terminology: Terminology) -> dict[str, ServiceDefinition]:
             description=(
                 "Reads a rising IgM after rituximab (or another anti-CD20 antibody) as probable "
                 "IgM flare rather than treatment failure, or after a BTK-inhibitor hold as "
-                "rebound; escalates when there is evidence of hyperviscosity."
+                "rebound, and a confirmed rise after the flare window as possible progression; "
+                "escalates when there is evidence of hyperviscosity."
             ),
-            prefetch=prefetch_templates(terminology, with_medications=True),
+            prefetch=prefetch,
         ),
     ]
     return {d.id: d for d in definitions}

@@ -18,6 +18,11 @@ FINDINGS = {
     "flare-hyperviscosity",
     "flare-baseline-missing",
     "btk-rebound",
+    "course-continuation",
+    "continuation-hyperviscosity",
+    "hyperviscosity-symptoms",
+    "post-exchange-igm",
+    "possible-progression",
 }
 
 

@@ -12,10 +12,9 @@ from service.clinical.followup import (
     BTK_REBOUND,
     FLARE,
     FLARE_NO_BASELINE,
-    Dose,
     assess_followup,
-    course_start,
 )
+from service.clinical.history import build_history
 from service.clinical.record import PatientRecord
 from service.clinical.terminology import build_terminology
 from service.settings import RulesSettings, TerminologySettings
@@ -48,6 +47,32 @@ EXPECTED: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
         ("cannot be judged", "4,100", "no baseline"),
     ),
     "patient-view/flare-mixed-units": ("info", "flare", ("30 g/L", "4.2 g/dL", "4,200", "+40%")),
+    # Decision 10: course-aware.
+    "patient-view/not-done-infusions": (None, "", ()),
+    "patient-view/second-course-from-order": (
+        "info",
+        "flare",
+        (
+            "MedicationRequest/rituximab-course-2026-10, inferred from the order",
+            "2026-10-19",
+            "+40%",
+        ),
+    ),
+    "patient-view/flare-viscosity-since-baseline": (
+        "critical",
+        "flare-hyperviscosity",
+        ("4.5 cP", "2026-08-20", "Observation/viscosity-2026-08-20"),
+    ),
+    "patient-view/flare-viscosity-then-exchange": (
+        "info",
+        "flare",
+        ("| Plasma exchange | completed | 2026-08-25 | Procedure/plasma-exchange-2026-08-25 |",),
+    ),
+    "patient-view/progression-after-flare-window": (
+        "info",
+        "possible-progression",
+        ("not read as IgM flare", "nadir 1,800 mg/dL", "| nadir |", "+50%", "+33%"),
+    ),
 }
 
 
@@ -193,14 +218,19 @@ def test_no_result_before_the_first_dose_says_it_cannot_be_judged() -> None:
 
 def test_a_new_course_after_a_long_gap_resets_the_baseline() -> None:
     old = NOW - timedelta(days=700)
-    doses = [
-        Dose(old, "rituximab", "a"),
-        Dose(old + timedelta(days=21), "rituximab", "b"),
-        Dose(START, "rituximab", "c"),
-        Dose(START + timedelta(days=7), "rituximab", "d"),
-    ]
-    assert course_start(doses, 180).record == "c"
-    assert course_start(doses, 1000).record == "a"
+    record = _record(
+        [
+            _dose("a", old),
+            _dose("b", old + timedelta(days=21)),
+            _dose("c", START),
+            _dose("d", START + timedelta(days=7)),
+        ],
+        [],
+    )
+    history = build_history(record, TERMS, RulesSettings(), NOW)
+    assert history.latest_course.start_resource == "MedicationAdministration/c"
+    history = build_history(record, TERMS, RulesSettings(course_gap_days=1000), NOW)
+    assert history.latest_course.start_resource == "MedicationAdministration/a"
 
 
 def test_biosimilar_administration_counts_as_exposure() -> None:
@@ -237,7 +267,8 @@ def _btk(status: str, held: datetime, request_id: str = "ibr") -> dict[str, Any]
 
 @pytest.mark.parametrize(
     ("status", "called"),
-    [("on-hold", True), ("stopped", True), ("active", False), ("completed", False)],
+    # Decision 7: an order `completed` with its end in the window stopped the drug too.
+    [("on-hold", True), ("stopped", True), ("active", False), ("completed", True)],
 )
 def test_btk_rebound_only_after_a_hold(status: str, called: bool) -> None:
     held = NOW - timedelta(days=30)
@@ -323,3 +354,41 @@ def test_hyperviscosity_makes_a_btk_rebound_critical() -> None:
     )
     [finding] = assess_followup(record, TERMS, RulesSettings(), NOW)
     assert finding.kind == BTK_REBOUND and finding.indicator == "critical"
+
+
+def _viscosity(obs_id: str, when: datetime, cp: float) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": obs_id,
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "3128-6"}]},
+        "effectiveDateTime": when.date().isoformat(),
+        "valueQuantity": {"value": cp, "unit": "cP", "system": "http://unitsofmeasure.org"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("viscosities", "critical"),
+    [
+        ([("high", 85, 4.5)], True),  # since the baseline window opened, nothing after it
+        ([("high", 85, 4.5), ("lower", 40, 3.1)], False),  # a lower viscosity came after it
+        ([("too-old", 160, 4.5)], False),  # before the baseline window (90 days before dose 1)
+    ],
+)
+def test_viscosity_since_the_baseline_window(viscosities: list[Any], critical: bool) -> None:
+    record = _record(
+        [_dose("d1", START)],
+        [_igm("b", START - timedelta(days=2), 3000), _igm("l", NOW - timedelta(days=1), 4000)],
+        viscosity=tuple(_viscosity(i, NOW - timedelta(days=d), cp) for i, d, cp in viscosities),
+    )
+    [finding] = assess_followup(record, TERMS, RulesSettings(), NOW)
+    assert (finding.indicator == "critical") is critical
+
+
+def test_not_done_infusion_is_no_exposure() -> None:
+    not_done = {**_dose("d1", START), "status": "not-done"}
+    record = _record(
+        [not_done],
+        [_igm("b", START - timedelta(days=2), 3000), _igm("l", NOW - timedelta(days=1), 4500)],
+    )
+    assert assess_followup(record, TERMS, RulesSettings(), NOW) == []

@@ -95,7 +95,7 @@ def test_non_numeric_value_is_unusable_with_a_reason() -> None:
 
 def test_boolean_is_not_a_number() -> None:
     _, [unusable] = classify([obs(True, "mg/dL", "mg/dL")], "igm")
-    assert unusable.reason == "no numeric value"
+    assert unusable.reason == "not a number"
 
 
 def test_viscosity_accepts_cp_and_relative_units() -> None:

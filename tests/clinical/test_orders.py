@@ -379,3 +379,34 @@ def test_an_unreadable_medication_is_a_400_not_no_risk() -> None:
     broken = med_request({"medicationCodeableConcept": "rituximab"})
     with pytest.raises(DraftOrderError, match="medicationCodeableConcept must be an object"):
         find_drug_orders(bundle(broken), GROUPS)
+
+
+def test_the_indication_is_read_from_reason_code_reference_and_contained_condition() -> None:
+    groups = build_terminology(TerminologySettings()).anti_cd20
+    icd = "http://hl7.org/fhir/sid/icd-10-cm"
+    draft = {
+        "resourceType": "MedicationRequest",
+        "id": "rtx",
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "medicationCodeableConcept": {"text": "rituximab 375 mg/m2"},
+        "contained": [
+            {
+                "resourceType": "Condition",
+                "id": "dx",
+                "code": {"coding": [{"system": icd, "code": "C88.0"}]},
+                "subject": {"reference": "Patient/p1"},
+            }
+        ],
+        "reasonCode": [{"text": "Waldenström macroglobulinemia"}],
+        "reasonReference": [
+            {"reference": "#dx"},
+            {"reference": "Condition/wm-1", "display": "WM"},
+        ],
+    }
+    [order] = find_drug_orders({"entry": [{"resource": draft}]}, groups)
+    assert order.status == "draft"
+    assert {"text": "Waldenström macroglobulinemia"} in order.reasons
+    assert {"coding": [{"system": icd, "code": "C88.0"}]} in order.reasons
+    assert order.reason_references == ("Condition/wm-1",)

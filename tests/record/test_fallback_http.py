@@ -51,6 +51,9 @@ PARTIAL_SCENARIOS = (
     "order-sign/wm-hyperviscosity-condition",
     "patient-view/flare-after-rituximab",
     "patient-view/btk-hold-rebound",
+    "order-sign/wm-continuation-dose-4",
+    "order-sign/wm-plasmapheresis-after-latest-igm",
+    "patient-view/second-course-from-order",
 )
 FAILED_QUERY = {
     "resourceType": "OperationOutcome",
@@ -238,6 +241,8 @@ def test_operation_outcome_value_is_refetched(
         ("order-sign/wm-hyperviscosity-condition", "conditions", "viscosity"),
         ("patient-view/flare-after-rituximab", "medicationAdministrations", "igm"),
         ("patient-view/btk-hold-rebound", "medicationRequests", "viscosity"),
+        ("order-sign/wm-plasmapheresis-after-latest-igm", "procedures", "igm"),
+        ("order-sign/wm-continuation-dose-4", "medicationAdministrations", "conditions"),
     ],
 )
 def test_null_means_no_data_and_is_not_fetched(
@@ -304,6 +309,34 @@ def test_fetched_pages_are_merged(
     pages = [r for r in fhir.requests if r.args.get("_getpages")]
     assert len(pages) >= 4  # 4 IgM results and 4 infusions: the later pages were followed
     assert {r.authorization for r in fhir.requests} == {f"Bearer {TOKEN}"}
+
+
+def test_300_conditions_over_many_pages(
+    app: Any, client: Any, fhir: FhirTestServer, prefetched: dict[str, Any]
+) -> None:
+    """A long chart paged by a server that caps pages at 20 is read whole, not refused."""
+    name = "order-sign/wm-300-conditions"
+    body = load_fixture(name)
+    assert body["prefetch"]["conditions"]["total"] == 300
+    fhir.max_page_size = 20
+    response = post_hook(client, fetching(body, fhir.base_url, drop=("conditions",)))
+    assert response.status_code == 200, response.get_json()
+    assert comparable(response.get_json()["cards"]) == prefetched[name]
+    pages = [r for r in fhir.requests if r.path.endswith("/Condition")]
+    assert len(pages) == 15  # the WM diagnosis is on the last one
+    assert {r.args.get("_count") for r in pages} == {"500"}  # asked for one large page
+
+
+def test_included_medication_is_read_from_the_fhir_server(
+    app: Any, client: Any, fhir: FhirTestServer, prefetched: dict[str, Any]
+) -> None:
+    """A dose coded only on a referenced Medication counts when fetched (`_include`)."""
+    name = "order-sign/wm-continuation-hyperviscosity"
+    body = load_fixture(name)
+    response = post_hook(client, fetching(body, fhir.base_url, drop=("medicationAdministrations",)))
+    assert response.status_code == 200, response.get_json()
+    assert comparable(response.get_json()["cards"]) == prefetched[name]
+    assert "3 doses" in response.get_json()["cards"][0]["detail"]
 
 
 # -- the access token --------------------------------------------------------------------------

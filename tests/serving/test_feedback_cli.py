@@ -129,11 +129,11 @@ def reported_server(
     assert send(server, overridden(high[2]["uuid"], reason=plasmapheresis))["duplicates"] == 1
     assert send(server, overridden(high[5]["uuid"]), service=VIEW)["unknownCards"]
     version = re.search(r"v(\S+)\._$", high[0]["detail"])
-    assert version is not None and version.group(1) == "1.0.1"  # the rule version on the card
+    assert version is not None and version.group(1) == "1.1.0"  # the rule version on the card
     expected = [
         {
             "finding": "hyperviscosity",
-            "rule_version": "1.0.0",
+            "rule_version": "1.1.0",
             "cards_issued": 1,
             "accepted": 0,
             "overridden": 0,
@@ -153,7 +153,7 @@ def reported_server(
         },
         {
             "finding": "igm-high",
-            "rule_version": "1.0.1",
+            "rule_version": "1.1.0",
             "cards_issued": 6,
             "accepted": 2,
             "overridden": 3,
