@@ -229,7 +229,7 @@ def _draw_viscosity(axes: Axes, chart: ChartInput) -> None:
         chart.viscosity_threshold,
         color=COLOURS["threshold"],
         linestyle="--",
-        label=f"Critical {chart.viscosity_threshold:g}",
+        label=f"Critical {chart.viscosity_threshold:g} cP",
         gid="viscosity-threshold",
     )
     if chart.viscosity:
