@@ -76,6 +76,7 @@ def scopes(ehr_launch: bool) -> str:
 class SmartClient:
     def __init__(self, app: AppSettings, fhir: FhirSettings) -> None:
         self._app = app
+        self._fhir = fhir
         self._policy = FhirServerPolicy(fhir.allowed_servers)
         self._open = FhirServerPolicy(app.open_fhir_servers)
         self._session = requests.Session()
@@ -90,6 +91,8 @@ class SmartClient:
                 "This service has no list of allowed FHIR servers (fhir.allowed_servers), so "
                 "the timeline cannot be launched. Ask the administrator to configure it.",
             )
+        if not iss and len(self._fhir.allowed_servers) == 1:
+            iss = self._fhir.allowed_servers[0]  # a standalone launch at the one EHR configured
         return _checked(self._policy, iss)
 
     def checked_open_server(self, iss: str | None) -> str:

@@ -21,7 +21,15 @@ from service.cards.markdown import day, mg_dl
 from service.cards.order_cards import render_order_card
 from service.clinical.followup import Dose, anti_cd20_doses, assess_followup
 from service.clinical.observations import Reading, Unusable, classify
-from service.clinical.order_risk import assess_orders, read_labs
+from service.clinical.order_risk import (
+    FUTURE_TOLERANCE,
+    HYPERVISCOSITY,
+    IGM_BELOW_THRESHOLD,
+    IGM_HIGH,
+    IGM_MISSING,
+    assess_orders,
+    read_labs,
+)
 from service.clinical.orders import find_drug_orders
 from service.clinical.record import PatientRecord
 from service.record.definitions import PATIENT_VIEW
@@ -29,7 +37,7 @@ from service.record.gathering import gather_record
 from service.settings import RulesSettings
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-ORDER_FINDINGS = frozenset({"hyperviscosity", "igm-high", "igm-missing", "igm-below-threshold"})
+ORDER_FINDINGS = frozenset({HYPERVISCOSITY, IGM_HIGH, IGM_MISSING, IGM_BELOW_THRESHOLD})
 # Orders that may be the one an order-hook card was about, once the EHR has stored it.
 PENDING_ORDER_STATUSES = frozenset({"draft", "active", "on-hold"})
 
@@ -92,9 +100,16 @@ def judge(runtime: Runtime, record: PatientRecord, linked_finding: str | None) -
     igm_readings, igm_unusable = classify(record.igm, "igm", terminology.igm)
     visc_readings, visc_unusable = classify(record.viscosity, "viscosity", terminology.viscosity)
     used = {r.observation_id for r in labs.igm_series}
-    # Results the rules set aside after reading them (dated in the future, a bound like "> 3000").
+    # Results the order rules set aside after reading them, for the reason they do.
     set_aside = [
-        Unusable(r.observation_id, r.effective, r.reported, "not used by the rules")
+        Unusable(
+            r.observation_id,
+            r.effective,
+            r.reported,
+            "dated in the future"
+            if r.effective > now + FUTURE_TOLERANCE
+            else "a bound, not a value: cannot be placed on the threshold",
+        )
         for r in igm_readings
         if r.observation_id not in used
     ]

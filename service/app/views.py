@@ -104,10 +104,9 @@ RELAUNCH = "Open the IgM timeline again from the patient's chart or the card."
 @bp.get("/launch")
 def launch() -> Any:
     services = _services()
-    launch_id = request.args.get("launch")
-    iss = request.args.get("iss")
+    launch_id = request.args.get("launch") or None
     try:
-        iss = services.smart.checked_iss(iss)
+        iss = services.smart.checked_iss(request.args.get("iss"))
         config = services.smart.discover(iss)
     except LaunchError as exc:
         return _error(exc.status, exc.reason, exc.message)
@@ -183,7 +182,8 @@ def callback() -> Any:
         "finding": _linked_finding(answer.get("appContext")),
     }
     secret = services.state().open_session(session, expires_at)
-    response = redirect("/app/timeline", 303)  # the code leaves the address bar here
+    # The code leaves the address bar here.
+    response = redirect(f"{public_base()}/app/timeline", 303)
     _cookie(response, SESSION_COOKIE, secret, lifetime)
     response.delete_cookie(
         LAUNCH_COOKIE, path="/app/", secure=True, httponly=True, samesite="None", partitioned=True

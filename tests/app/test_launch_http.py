@@ -217,3 +217,23 @@ def test_frame_ancestors_come_from_the_settings(agent: Agent, ehr: SmartEhr, app
     assert page.status_code == 200
     assert f"frame-ancestors {ehr.origin} 'self'" in page.headers["Content-Security-Policy"]
     assert app.url
+
+
+def test_order_card_link_shows_the_order_hooks_reading_word_for_word(
+    agent: Agent, ehr: SmartEhr, timeline_app: LiveServer, tmp_path
+) -> None:
+    from service import create_app
+    from tests.conftest import FIXTURE_NOW, load_fixture, post_hook, test_settings
+
+    body = load_fixture("order-sign/wm-igm-4500-rituximab")
+    client = create_app(test_settings(tmp_path / "hooks"), clock=lambda: FIXTURE_NOW).test_client()
+    [card] = post_hook(client, body).get_json()["cards"]
+    # Once signed, the EHR holds the order the card was about, next to the patient's data.
+    ehr.add_resources(v for v in body["prefetch"].values() if v)
+    ehr.add_resources([body["context"]["draftOrders"]])
+    link = card["links"][0]
+    page = agent.get(ehr.launch_url(body["context"]["patientId"], link["appContext"]))
+    assert page.status_code == 200, page.text
+    assert f'data-finding="{card["source"]["topic"]["code"]}"' in page.text
+    assert f'<p class="card-summary">{card["summary"]}</p>' in page.text
+    assert "the card you came from" in page.text
