@@ -282,6 +282,9 @@ def _check(settings: Settings) -> None:
             raise SettingsError(f"auth issuer {issuer.iss}: give jku, jwks_url or jwks_file")
     if not settings.app.client_id:
         raise SettingsError("app.client_id must not be empty")
+    for server in settings.app.open_fhir_servers:
+        if not server.lower().startswith(("http://", "https://")):
+            raise SettingsError(f"app.open_fhir_servers: {server!r} is not an http(s) URL")
     for source in settings.app.frame_ancestors:
         if not source or any(ch.isspace() or ch in ';,"' for ch in source):
             raise SettingsError(f"app.frame_ancestors: {source!r} is not one CSP source")

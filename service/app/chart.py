@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import matplotlib
@@ -76,7 +76,6 @@ class ChartInput:
     exchanges: tuple[Marker, ...] = ()
     flare_window: Span | None = None
     baseline: float | None = None
-    extra_lines: tuple[tuple[float, str], ...] = field(default=())
 
     def dates(self) -> list[datetime]:
         found = [p.when for p in (*self.igm, *self.viscosity)]

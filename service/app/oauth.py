@@ -82,8 +82,9 @@ class SmartClient:
         self._session = requests.Session()
         self._session.trust_env = False  # no proxy or .netrc credentials from the environment
 
-    def checked_iss(self, iss: str | None) -> str:
-        """The normalised FHIR base, or LaunchError if this app may not launch against it."""
+    def checked_iss(self, iss: str | None) -> tuple[str, str]:
+        """(normalised FHIR base to read from, `iss` as given for `aud`), or LaunchError if this
+        app may not launch against it."""
         if not self._policy.restricted:
             raise LaunchError(
                 403,
@@ -93,7 +94,8 @@ class SmartClient:
             )
         if not iss and len(self._fhir.allowed_servers) == 1:
             iss = self._fhir.allowed_servers[0]  # a standalone launch at the one EHR configured
-        return _checked(self._policy, iss)
+        # The EHR compares `aud` with its own spelling of its base URL: send it back unchanged.
+        return _checked(self._policy, iss), str(iss)
 
     def checked_open_server(self, iss: str | None) -> str:
         """A base listed in app.open_fhir_servers (read without authorization), or LaunchError."""
@@ -135,7 +137,7 @@ class SmartClient:
         self,
         config: SmartConfiguration,
         *,
-        iss: str,
+        aud: str,
         redirect_uri: str,
         state: str,
         pkce: Pkce,
@@ -147,7 +149,7 @@ class SmartClient:
             "redirect_uri": redirect_uri,
             "scope": scopes(ehr_launch=launch is not None),
             "state": state,
-            "aud": iss,
+            "aud": aud,
             "code_challenge": pkce.challenge,
             "code_challenge_method": "S256",
         }

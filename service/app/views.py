@@ -106,7 +106,7 @@ def launch() -> Any:
     services = _services()
     launch_id = request.args.get("launch") or None
     try:
-        iss = services.smart.checked_iss(request.args.get("iss"))
+        iss, aud = services.smart.checked_iss(request.args.get("iss"))
         config = services.smart.discover(iss)
     except LaunchError as exc:
         return _error(exc.status, exc.reason, exc.message)
@@ -121,7 +121,7 @@ def launch() -> Any:
     lifetime = services.settings.launch_seconds
     state, browser = services.state().begin_launch(pending, lifetime)
     target = services.smart.authorize_url(
-        config, iss=iss, redirect_uri=redirect_uri, state=state, pkce=pkce, launch=launch_id
+        config, aud=aud, redirect_uri=redirect_uri, state=state, pkce=pkce, launch=launch_id
     )
     response = redirect(target, 302)
     _cookie(response, LAUNCH_COOKIE, browser, lifetime)

@@ -97,7 +97,23 @@ def test_standalone_launch_asks_for_launch_patient(
     page = agent.get(f"{timeline_app.url}/app/launch?" + urlencode({"iss": ehr.base_url}))
     assert page.status_code == 200, page.text
     assert "Patient/btk-hold-rebound" in page.text
+    # Opened with no iss at all, it launches at the one EHR configured.
+    again = Agent().get(f"{timeline_app.url}/app/launch")
+    assert again.status_code == 200, again.text
+    assert "Patient/btk-hold-rebound" in again.text
     assert ehr.refusals == []
+
+
+def test_aud_is_the_iss_exactly_as_the_ehr_sent_it(
+    agent: Agent, ehr: SmartEhr, timeline_app: LiveServer
+) -> None:
+    spelled = ehr.base_url + "/"
+    first = agent.get(
+        f"{timeline_app.url}/app/launch?" + urlencode({"iss": spelled, "launch": "x"}),
+        follow=False,
+    )
+    assert first.status_code == 302
+    assert parse_qs(urlsplit(first.headers["Location"]).query)["aud"] == [spelled]
 
 
 @pytest.mark.parametrize("ehr_policy", [EhrPolicy(client_secret="s3cret-value")], indirect=True)
