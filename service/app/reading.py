@@ -8,7 +8,7 @@ from the same core and card renderer, so the page and the card cannot disagree.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -241,7 +241,7 @@ def _text_alternative(
     else:
         lines.append("No usable serum IgM result is on record.")
     if unusable:
-        lines.append(f"{len(unusable)} IgM results could not be used (listed in the table).")
+        lines.append(f"{_count(unusable, 'IgM result')} could not be used (listed in the table).")
     lines.append(f"High-risk threshold: {mg_dl(rules.igm_high_mg_dl)} mg/dL.")
     if chart.baseline is not None:
         lines.append(
@@ -259,7 +259,11 @@ def _text_alternative(
     if viscosity:
         latest = viscosity[-1]
         lines.append(
-            f"{len(viscosity)} serum viscosity results; latest {latest.reported} on "
+            f"{_count(viscosity, 'serum viscosity result')}; latest {latest.reported} on "
             f"{day(latest.effective)}."
         )
     return tuple(lines)
+
+
+def _count(items: Sequence[object], noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
