@@ -38,6 +38,9 @@ RESOURCES = (
 )
 READ_SCOPES = " ".join(f"patient/{kind}.rs" for kind in RESOURCES)
 MAX_ANSWER_BYTES = 256 * 1024  # a SMART configuration or token answer is a few kB
+# The EHR failed or misbehaved (unreachable, refused, malformed answer): 424 Failed Dependency.
+# Not a 5xx: this service did not fail, and the page says which step of the EHR's did.
+EHR_FAILED = 424
 
 
 class LaunchError(Exception):
@@ -118,14 +121,16 @@ class SmartClient:
         methods = answer.get("code_challenge_methods_supported")
         if isinstance(methods, list) and "S256" not in methods:
             raise LaunchError(
-                502, "no_pkce", "The EHR's authorization server does not support PKCE (S256)."
+                EHR_FAILED,
+                "no_pkce",
+                "The EHR's authorization server does not support PKCE (S256).",
             )
         endpoints = []
         for name in ("authorization_endpoint", "token_endpoint"):
             url = answer.get(name)
             if not isinstance(url, str) or not _trusted_endpoint(url, iss):
                 raise LaunchError(
-                    502,
+                    EHR_FAILED,
                     "bad_configuration",
                     f"The EHR's SMART configuration has no usable {name} "
                     "(it must be https, or on the FHIR server's own origin).",
@@ -177,9 +182,11 @@ class SmartClient:
         answer = self._json("POST", token_endpoint, "token", data=form, auth=auth)
         token = answer.get("access_token")
         if not isinstance(token, str) or not token:
-            raise LaunchError(502, "no_token", "The EHR's token answer holds no access token.")
+            raise LaunchError(
+                EHR_FAILED, "no_token", "The EHR's token answer holds no access token."
+            )
         if str(answer.get("token_type", "")).lower() != "bearer":
-            raise LaunchError(502, "not_bearer", "The EHR's token is not a bearer token.")
+            raise LaunchError(EHR_FAILED, "not_bearer", "The EHR's token is not a bearer token.")
         return answer
 
     def _json(self, method: str, url: str, step: str, **kwargs: Any) -> dict[str, Any]:
@@ -197,24 +204,28 @@ class SmartClient:
                 status = response.status_code
         except requests.RequestException:
             raise LaunchError(
-                502, f"{step}_unreachable", f"The EHR could not be reached ({step})."
+                EHR_FAILED, f"{step}_unreachable", f"The EHR could not be reached ({step})."
             ) from None
         if status != 200:
             # An OAuth error answer names only a code; nothing secret is echoed.
             error = _oauth_error(body)
             raise LaunchError(
-                502 if step == "discovery" else 401,
+                EHR_FAILED if step == "discovery" else 401,
                 f"{step}_refused",
                 f"The EHR refused the {step} request (HTTP {status}{error}).",
             )
         if len(body) > MAX_ANSWER_BYTES:
-            raise LaunchError(502, f"{step}_too_large", f"The EHR's {step} answer is too large.")
+            raise LaunchError(
+                EHR_FAILED, f"{step}_too_large", f"The EHR's {step} answer is too large."
+            )
         try:
             answer = json.loads(body)
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise LaunchError(502, f"{step}_not_json", f"The EHR's {step} answer is not JSON.")
+            raise LaunchError(
+                EHR_FAILED, f"{step}_not_json", f"The EHR's {step} answer is not JSON."
+            )
         return answer
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request
 
-from service.app.oauth import LaunchError, Pkce, SmartClient, granted_patient
+from service.app.oauth import EHR_FAILED, LaunchError, Pkce, SmartClient, granted_patient
 from service.app.reading import FHIR_ID, read_timeline
 from service.app.sealed_state import SealedState
 from service.clinical.fhir_values import UnreadableData
@@ -167,7 +167,10 @@ def callback() -> Any:
     patient = granted_patient(answer)
     if patient is None or not FHIR_ID.match(patient):
         return _error(
-            502, "no_patient", "The EHR did not say which patient the timeline is for.", RELAUNCH
+            EHR_FAILED,
+            "no_patient",
+            "The EHR did not say which patient the timeline is for.",
+            RELAUNCH,
         )
     lifetime = services.settings.session_seconds
     expires_in = answer.get("expires_in")
@@ -235,12 +238,14 @@ def timeline() -> Any:
     except DataUnavailable as exc:
         problems = "; ".join(f"{m.key}: {m.reason}" for m in exc.missing)
         return _error(
-            502,
+            EHR_FAILED,
             "data_unavailable",
             f"The patient's data could not be read from the EHR ({problems}).",
         )
     except UnreadableData as exc:
-        return _error(502, "data_unreadable", f"The EHR's data could not be read: {exc.problem}.")
+        return _error(
+            EHR_FAILED, "data_unreadable", f"The EHR's data could not be read: {exc.problem}."
+        )
     g.log_fields = {"app": "timeline", "findings": [r.finding for r in view.readings]}
     chart_b64 = base64.b64encode(view.chart_svg.encode("utf-8")).decode("ascii")
     return render_template("timeline.html", view=view, linked=finding, chart_b64=chart_b64)

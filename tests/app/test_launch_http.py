@@ -253,3 +253,20 @@ def test_order_card_link_shows_the_order_hooks_reading_word_for_word(
     assert f'data-finding="{card["source"]["topic"]["code"]}"' in page.text
     assert f'<p class="card-summary">{card["summary"]}</p>' in page.text
     assert "the card you came from" in page.text
+
+
+def test_an_ehr_that_cannot_be_reached_is_a_clear_424(agent: Agent, app_factory) -> None:
+    app = app_factory(fhir={"allowed_servers": ("http://127.0.0.1:9/fhir",)})
+    page = agent.get(f"{app.url}/app/launch?" + urlencode({"iss": "http://127.0.0.1:9/fhir"}))
+    assert page.status_code == 424
+    assert "could not be reached (discovery)" in page.text
+
+
+def test_data_the_ehr_will_not_give_is_named_on_the_page_not_shown_as_no_risk(
+    agent: Agent, ehr: SmartEhr, timeline_app: LiveServer
+) -> None:
+    ehr.fail_status = {"Observation": 500}
+    page = _launch(agent, ehr)
+    assert page.status_code == 424
+    assert "igm: FHIR server answered 500" in page.text
+    assert "no IgM flare" not in page.text
