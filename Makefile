@@ -6,8 +6,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
+# The browser test drives the distribution's Chromium (Playwright never downloads a browser).
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test lint bench clean venv
+.PHONY: run test lint bench clean venv browser
 
 venv: $(STAMP)
 
@@ -20,7 +22,18 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/flare-cds serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# Installs Chromium when it is missing and this is a Debian machine we may change (root, as CI
+# is); otherwise it says what to run, and the browser test fails with the same command.
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "Chromium is missing: run 'sudo apt-get install -y chromium'"; \
+	  fi; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/ruff check service tests bench
 	$(BIN)/python -m pytest -q
 

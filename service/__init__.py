@@ -29,6 +29,9 @@ def create_app(settings: Settings | None = None, **runtime_overrides: Any) -> Fl
     middleware.install(app)
     register_error_handlers(app)
     app.register_blueprint(bp)
+    from service.app.views import install as install_timeline_app
+
+    install_timeline_app(app)
     if not settings.auth.required:
         app.logger.warning("client authentication is OFF (auth.required = false): development only")
     return app

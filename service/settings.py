@@ -115,6 +115,22 @@ class CardSettings:
 
 
 @dataclass(frozen=True)
+class AppSettings:
+    """The IgM timeline, a SMART on FHIR app under /app/ (see README, "The IgM timeline")."""
+
+    client_id: str = "flare-cds"
+    # Set: a confidential client (HTTP Basic at the token endpoint). Unset: a public client.
+    client_secret: str | None = None
+    # Who may frame the page (CSP frame-ancestors), e.g. the EHR's origin; empty: nobody.
+    frame_ancestors: tuple[str, ...] = ()
+    # FHIR bases that need no authorization (a public sandbox): cards link to the page directly.
+    open_fhir_servers: tuple[str, ...] = ()
+    launch_seconds: int = 600  # from launch to callback
+    session_seconds: int = 3600  # at most; sooner when the access token expires sooner
+    http_timeout_seconds: float = 5.0  # SMART discovery and the token exchange
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = "INFO"
 
@@ -128,6 +144,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     cards: CardSettings = field(default_factory=CardSettings)
+    app: AppSettings = field(default_factory=AppSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     def replace(self, **sections: Any) -> Settings:
@@ -256,6 +273,9 @@ def _check(settings: Settings) -> None:
         "fhir.max_pages": settings.fhir.max_pages,
         "fhir.pool_size": settings.fhir.pool_size,
         "http.max_body_bytes": settings.http.max_body_bytes,
+        "app.launch_seconds": settings.app.launch_seconds,
+        "app.session_seconds": settings.app.session_seconds,
+        "app.http_timeout_seconds": settings.app.http_timeout_seconds,
     }
     for key, value in positive.items():
         if not math.isfinite(value) or value <= 0:
@@ -278,5 +298,13 @@ def _check(settings: Settings) -> None:
     for issuer in settings.auth.issuers:
         if not (issuer.jku or issuer.jwks_url or issuer.jwks_file):
             raise SettingsError(f"auth issuer {issuer.iss}: give jku, jwks_url or jwks_file")
+    if not settings.app.client_id:
+        raise SettingsError("app.client_id must not be empty")
+    for server in settings.app.open_fhir_servers:
+        if not server.lower().startswith(("http://", "https://")):
+            raise SettingsError(f"app.open_fhir_servers: {server!r} is not an http(s) URL")
+    for source in settings.app.frame_ancestors:
+        if not source or any(ch.isspace() or ch in ';,"' for ch in source):
+            raise SettingsError(f"app.frame_ancestors: {source!r} is not one CSP source")
     if settings.logging.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"logging.level {settings.logging.level!r} is not a log level")

@@ -67,7 +67,11 @@ def call_service(service_id: str) -> Response:
     g.log_fields = {"service": service_id, "cards": [c.finding for c in result.cards]}
     if result.cards:
         _record_issued(rt, service_id, definition.hook, result)
-    return jsonify({"cards": [c.card for c in result.cards]})
+    from service.app.links import timeline_target
+    from service.cards.links import with_timeline_link
+
+    target = timeline_target(rt.settings, body, result.patient_id)
+    return jsonify({"cards": [with_timeline_link(c.card, c.finding, target) for c in result.cards]})
 
 
 def _record_issued(rt: Runtime, service_id: str, hook: str, result: Any) -> None:

@@ -108,13 +108,18 @@ def fetching(
 
 
 def comparable(cards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Cards without their uuids, which are new on every call."""
+    """Cards without their uuids, which are new on every call, and with the timeline link as its
+    label and type: its appContext names the uuid, and its URL the address the call came to."""
     stripped = []
     for card in cards:
         card = {k: v for k, v in card.items() if k != "uuid"}
         if "suggestions" in card:
             card["suggestions"] = [
                 {k: v for k, v in s.items() if k != "uuid"} for s in card["suggestions"]
+            ]
+        if "links" in card:
+            card["links"] = [
+                {k: link[k] for k in ("label", "type")} for link in card["links"]
             ]
         stripped.append(card)
     return stripped
