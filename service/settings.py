@@ -29,6 +29,11 @@ class SettingsError(ValueError):
 class HttpSettings:
     max_body_bytes: int = 5 * 1024 * 1024
     cors_origins: tuple[str, ...] = ("*",)
+    # From accept to the end of the request headers, and from there to the end of the body.
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    # Open connections per worker; one more is answered 503 at once.
+    max_connections: int = 1000
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,9 @@ def _check(settings: Settings) -> None:
         "fhir.max_pages": settings.fhir.max_pages,
         "fhir.pool_size": settings.fhir.pool_size,
         "http.max_body_bytes": settings.http.max_body_bytes,
+        "http.header_timeout_seconds": settings.http.header_timeout_seconds,
+        "http.body_timeout_seconds": settings.http.body_timeout_seconds,
+        "http.max_connections": settings.http.max_connections,
     }
     for key, value in positive.items():
         if not math.isfinite(value) or value <= 0:
