@@ -252,11 +252,10 @@ class FlareWorker(GeventWorker):  # type: ignore[misc]
         super().handle_request(listener_name, req, sock, addr)
 
     def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
-        for kind, status, error, message in _PARSE_ERRORS:
-            if isinstance(exc, kind):
-                break
-        else:
-            status, error, message = 500, "internal_error", "the service failed to handle this"
+        status, error, message = next(
+            ((s, e, m) for kind, s, e, m in _PARSE_ERRORS if isinstance(exc, kind)),
+            (500, "internal_error", "the service failed to handle this request"),
+        )
         headers: list[tuple[str, str]] = []
         if status == 431:
             # The usual oversized header is a bearer token; say so the way a 401 would.
