@@ -71,7 +71,8 @@ class FhirSettings:
     read_timeout_seconds: float = 0.4
     deadline_seconds: float = 0.45
     max_pages: int = 5
-    pool_size: int = 16
+    # Queries in flight to one FHIR server (origin) at a time, across all calls of a worker.
+    pool_size: int = 32
 
 
 @dataclass(frozen=True)

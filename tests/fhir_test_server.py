@@ -170,6 +170,10 @@ class FhirTestServer:
         self.max_page_size: int | None = None
         # A server that ignores the patient filter hands out every patient's data.
         self.ignore_patient: bool | Iterable[str] = False
+        # Send the status and headers, then the body one byte every this many seconds.
+        self.trickle_seconds: float | Mapping[str, float] = 0.0
+        # Answer 200 with exactly these bytes as FHIR JSON (e.g. JSON with NaN in it).
+        self.raw_body: bytes | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -254,7 +258,23 @@ class FhirTestServer:
                     request.headers.get("Accept"),
                 )
             )
-        return self._respond(request)(environ, start_response)
+        response = self._respond(request)
+        segments = [s for s in request.path[len(self.base_path) :].split("/") if s]
+        trickle = _fault(self.trickle_seconds, segments[0] if segments else "") or 0.0
+        if trickle:
+            response = Response(
+                self._trickled(response.get_data(), trickle),
+                response.status_code,
+                mimetype=FHIR_JSON,
+                direct_passthrough=True,
+            )
+        return response(environ, start_response)
+
+    def _trickled(self, body: bytes, interval: float) -> Iterable[bytes]:
+        for index in range(len(body)):
+            if self._stopping.wait(interval):
+                return
+            yield body[index : index + 1]
 
     def _respond(self, request: Request) -> Response:
         if request.method != "GET":
@@ -273,6 +293,8 @@ class FhirTestServer:
         status = _fault(self.fail_status, resource_type)
         if status:
             return _outcome(status, "exception", f"injected failure {status}")
+        if self.raw_body is not None:
+            return Response(self.raw_body, 200, mimetype=FHIR_JSON)
         if _fault(self.malformed, resource_type):
             return Response("<html><body>Bad gateway</body></html>", 200, mimetype="text/html")
         if _fault(self.operation_outcome, resource_type):

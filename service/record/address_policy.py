@@ -4,7 +4,7 @@ The fhirServer of a CDS Hooks request comes from the caller, so it is checked li
 URL before anything is fetched from it: http(s) only, no credentials, query or dot segments,
 never a link-local or cloud metadata address (by name, literal or DNS answer), and, when
 `fhir.allowed_servers` is set, under one of its prefixes. The connect-time check of the address
-actually reached lives with the HTTP pool in `service.record.fhir_client`; it uses `forbidden_ip`.
+actually reached lives with the HTTP pool in `service.record.fhir_http`; it uses `forbidden_ip`.
 
 Standard library only, so importing it never builds the HTTP machinery.
 """

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from service.record import fhir_client
+from service.record import fhir_http
 from service.record.address_policy import forbidden_ip
 from service.record.fhir_client import FetchOutcome, FhirFetcher, FhirServerRefused
 from service.settings import FhirSettings
@@ -355,7 +355,7 @@ def test_hostname_resolving_to_link_local_is_refused(
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 80))]
         return real(host, *args, **kwargs)
 
-    monkeypatch.setattr(fhir_client.socket, "getaddrinfo", fake)
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
     with pytest.raises(FhirServerRefused, match="resolves to a link-local"):
         make_fetcher().check_server("https://fhir.rebind.test/fhir")
 
@@ -364,7 +364,7 @@ def test_connect_guard_checks_the_address_actually_reached(
     fhir: FhirTestServer, make_fetcher: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Stands in for a DNS answer that changed between check_server and connect.
-    monkeypatch.setattr(fhir_client, "_peer_forbidden", lambda address: address == "127.0.0.1")
+    monkeypatch.setattr(fhir_http, "_peer_forbidden", lambda address: address == "127.0.0.1")
     outcome = _fetch_one(make_fetcher(), fhir, "Patient/p1")
     assert outcome.error == "FHIR server address is link-local or metadata; not contacted"
     assert fhir.requests == []
