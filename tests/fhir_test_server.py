@@ -262,9 +262,12 @@ class FhirTestServer:
         segments = [s for s in request.path[len(self.base_path) :].split("/") if s]
         trickle = _fault(self.trickle_seconds, segments[0] if segments else "") or 0.0
         if trickle:
+            data = response.get_data()
+            # With a Content-Length (not chunked) a client cannot tell a byte from a chunk.
             response = Response(
-                self._trickled(response.get_data(), trickle),
+                self._trickled(data, trickle),
                 response.status_code,
+                headers={"Content-Length": str(len(data))},
                 mimetype=FHIR_JSON,
                 direct_passthrough=True,
             )
