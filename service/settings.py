@@ -7,6 +7,7 @@ refused at start-up, because a typo in a threshold must never silently fall back
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import tomllib
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "FLARE_CDS_"
 CONFIG_ENV = "FLARE_CDS_CONFIG"
@@ -89,6 +91,8 @@ class AuthSettings:
     required: bool = False
     public_base_url: str | None = None
     leeway_seconds: int = 30
+    # exp - iat, and the age of iat, accepted at most (plus leeway); the spec recommends 5 min.
+    max_token_lifetime_seconds: int = 300
     jwks_cache_seconds: int = 3600
     issuers: tuple[IssuerSettings, ...] = ()
 
@@ -252,6 +256,7 @@ def _check(settings: Settings) -> None:
         "http.header_timeout_seconds": settings.http.header_timeout_seconds,
         "http.body_timeout_seconds": settings.http.body_timeout_seconds,
         "http.max_connections": settings.http.max_connections,
+        "auth.max_token_lifetime_seconds": settings.auth.max_token_lifetime_seconds,
     }
     for key, value in positive.items():
         if not math.isfinite(value) or value <= 0:
@@ -269,5 +274,37 @@ def _check(settings: Settings) -> None:
     for issuer in settings.auth.issuers:
         if not (issuer.jku or issuer.jwks_url or issuer.jwks_file):
             raise SettingsError(f"auth issuer {issuer.iss}: give jku, jwks_url or jwks_file")
+        for url in (*issuer.jku, *([issuer.jwks_url] if issuer.jwks_url else [])):
+            if not _secure_key_url(url) and url not in plain_http_key_urls(settings.auth):
+                raise SettingsError(
+                    f"auth issuer {issuer.iss}: key set URL {url!r} must be https "
+                    "(plain http only to a loopback address)"
+                )
     if settings.logging.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"logging.level {settings.logging.level!r} is not a log level")
+
+
+def _secure_key_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme.lower() == "https" and bool(parts.hostname)
+
+
+def plain_http_key_urls(auth: AuthSettings) -> list[str]:
+    """Configured http:// key set URLs to a loopback address: allowed for local set-ups, and
+    warned about at start-up (anyone on the path could swap the keys)."""
+    found = []
+    for issuer in auth.issuers:
+        for url in (*issuer.jku, *([issuer.jwks_url] if issuer.jwks_url else [])):
+            parts = urlsplit(url)
+            if parts.scheme.lower() == "http" and _is_loopback(parts.hostname or ""):
+                found.append(url)
+    return found
+
+
+def _is_loopback(host: str) -> bool:
+    if host.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Settings, SettingsError, load_settings, plain_http_key_urls
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -85,6 +85,12 @@ tenants = ["t1"]
         ("[auth]\nrequired = true\n", "no [[auth.issuers]]"),
         ("[[auth.issuers]]\niss = 'x'\n", "jku, jwks_url or jwks_file"),
         ("[logging]\nlevel = 'LOUD'\n", "not a log level"),
+        ("[[auth.issuers]]\niss = 'x'\njku = ['http://keys.example.org/jwks']\n", "must be https"),
+        ("[[auth.issuers]]\niss = 'x'\njwks_url = 'http://10.0.0.5/jwks'\n", "must be https"),
+        ("[[auth.issuers]]\niss = 'x'\njwks_url = 'ftp://keys.example.org/jwks'\n", "https"),
+        ("[auth]\nmax_token_lifetime_seconds = 0\n", "greater than zero"),
+        ("[http]\nheader_timeout_seconds = 0\n", "greater than zero"),
+        ("[http]\nmax_connections = -1\n", "greater than zero"),
         ("not toml at all [", "not valid TOML"),
     ],
 )
@@ -114,3 +120,23 @@ def test_replace_keeps_other_values() -> None:
 def test_non_finite_thresholds_are_refused(value: str) -> None:
     with pytest.raises(SettingsError, match="greater than zero"):
         load_settings(environ={"FLARE_CDS_RULES_IGM_HIGH_MG_DL": value})
+
+
+def test_plain_http_key_urls_only_to_loopback_and_named_for_a_warning(tmp_path: Path) -> None:
+    text = """
+[[auth.issuers]]
+iss = "https://a.example.org"
+jku = ["http://127.0.0.1:8123/jwks.json", "https://a.example.org/jwks.json"]
+[[auth.issuers]]
+iss = "https://b.example.org"
+jwks_url = "http://[::1]:8124/jwks.json"
+[[auth.issuers]]
+iss = "https://c.example.org"
+jwks_url = "http://localhost:8125/jwks.json"
+"""
+    auth = load_settings(write(tmp_path, text), environ={}).auth
+    assert plain_http_key_urls(auth) == [
+        "http://127.0.0.1:8123/jwks.json",
+        "http://[::1]:8124/jwks.json",
+        "http://localhost:8125/jwks.json",
+    ]

@@ -193,6 +193,8 @@ def test_valid_token_passes(key: Key, jwks_server: JwksServer, clock: Clock, htt
         {"aud": AUD + "/"},  # one trailing slash of difference is forgiven
         {"iat": int(T0) + 29},  # clock skew within the leeway
         {"exp": int(T0) - 29},
+        {"exp": int(T0) + 330},  # the 300 s lifetime cap, plus the leeway
+        {"iat": int(T0) - 330, "exp": int(T0)},
         {"sub": "someone"},  # allowed, never required
     ],
 )
@@ -292,6 +294,10 @@ REJECTED: list[tuple[str, Callable[[Clock], str], str]] = [
     ("expired", signed(exp=NOW - 30, iat=NOW - 330), "token expired"),
     ("future iat", signed(iat=NOW + 31, exp=NOW + 331), "token issued in the future"),
     ("not before", signed(nbf=NOW + 60), "token not yet valid"),
+    ("exp 10 years ahead", signed(exp=NOW + 10 * 365 * 86400), "token lifetime too long"),
+    ("lifetime just past the cap", signed(exp=NOW + 331), "token lifetime too long"),
+    ("iat 20 years ago", signed(iat=NOW - 20 * 365 * 86400), "token issued too long ago"),
+    ("iat just past the cap", signed(iat=NOW - 331, exp=NOW), "token issued too long ago"),
     ("exp not a number", signed(exp="soon"), "malformed time claim"),
     ("exp NaN", signed(exp=float("nan")), "malformed time claim"),
     ("wrong aud", signed(aud="https://cds.example.org/cds-services"), "audience mismatch"),
