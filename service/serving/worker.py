@@ -44,6 +44,7 @@ _limits = ServingLimits()
 # Connections past the bound still get a greenlet, only long enough to be told 503.
 OVERFLOW_CONNECTIONS = 256
 _REFUSAL_WRITE_SECONDS = 1.0
+_DRAIN_BYTES = 1024 * 1024
 
 
 def configure(limits: ServingLimits) -> None:
@@ -130,10 +131,19 @@ def error_response(
 
 
 def _send_and_close(client: socket.socket, response: bytes) -> None:
-    # A client that does not read cannot hold the greenlet: the write gets a second at most.
+    """Send `response`, then close without losing it.
+
+    Closing a socket with unread request bytes makes the kernel send a reset, which can destroy
+    the answer before the client reads it; so the write side is closed first and what the client
+    still sends is read and dropped, a second at most, whatever the client does.
+    """
     with gevent.Timeout(_REFUSAL_WRITE_SECONDS, False):
         try:
             client.sendall(response)
+            client.shutdown(socket.SHUT_WR)
+            drained = 0
+            while drained < _DRAIN_BYTES and (chunk := client.recv(16 * 1024)):
+                drained += len(chunk)
         except OSError:
             pass
     try:
