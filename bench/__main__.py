@@ -202,7 +202,7 @@ def _document(
             "connection": "keep-alive" if args.keepalive else "close",
             "max_other_cores": args.max_other_cores,
             "retries": args.retries,
-            "server": "gunicorn gthread (service.serving.server.gunicorn_options) for both",
+            "server": "gunicorn, gevent worker (service.serving.server.gunicorn_options) for both",
         },
         "baseline": {
             "app": 'bench/baseline_app.py: json.loads(body) -> {"cards": []}',
