@@ -46,6 +46,9 @@ class RecordedRequest:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # Keep-alive, as real FHIR servers do (Werkzeug's default handler would close each one).
+    protocol_version = "HTTP/1.1"
+
     def log_request(self, *args: Any, **kwargs: Any) -> None:
         """One log line per request would drown test output."""
 
@@ -174,6 +177,10 @@ class FhirTestServer:
         self.trickle_seconds: float | Mapping[str, float] = 0.0
         # Answer 200 with exactly these bytes as FHIR JSON (e.g. JSON with NaN in it).
         self.raw_body: bytes | None = None
+        # Keep each answer and send it again for the same URL (the benchmark's data never
+        # changes): the loopback server must not be what limits a load test.
+        self.cache_answers = False
+        self._answers: dict[str, tuple[int, bytes]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -258,8 +265,16 @@ class FhirTestServer:
                     request.headers.get("Accept"),
                 )
             )
-        response = self._respond(request)
         segments = [s for s in request.path[len(self.base_path) :].split("/") if s]
+        if self.cache_answers and request.full_path in self._answers:
+            delay = _fault(self.delay_seconds, segments[0] if segments else "") or 0.0
+            if delay:
+                self._stopping.wait(delay)
+            status, data = self._answers[request.full_path]
+            return Response(data, status, mimetype=FHIR_JSON)(environ, start_response)
+        response = self._respond(request)
+        if self.cache_answers:
+            self._answers[request.full_path] = (response.status_code, response.get_data())
         trickle = _fault(self.trickle_seconds, segments[0] if segments else "") or 0.0
         if trickle:
             data = response.get_data()
