@@ -203,6 +203,7 @@ class FlareWorker(GeventWorker):  # type: ignore[misc]
 
     def init_process(self) -> None:
         self._open = 0
+        self._last_refusal_log = 0.0
         # Greenlets whose connection has not yet finished a request: for them the header
         # deadline applies; afterwards an idle keep-alive connection is simply closed.
         self._first_request: set[Any] = set()
@@ -237,7 +238,10 @@ class FlareWorker(GeventWorker):  # type: ignore[misc]
 
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
         if self._open >= _limits.max_connections:
-            log.warning("connection refused: %d connections open", self._open)
+            now = time.monotonic()
+            if now - self._last_refusal_log >= 1.0:  # a flood must not flood the log too
+                self._last_refusal_log = now
+                log.warning("connections refused with 503: %d open", self._open)
             response = error_response(
                 503,
                 "service_unavailable",

@@ -30,9 +30,9 @@ pytestmark = pytest.mark.server
 HOOK = "/cds-services/rituximab-flare-order-sign"
 SCENARIO = "order-sign/wm-igm-4500-rituximab"
 DEADLINE = 2.0  # the header and body deadlines the slow-client test runs with
-# A loaded 2-core machine stays far below this; a service that queues calls behind slow peers
-# does not (it answered nothing within 3 s).
-FAST = 0.5
+# The figure, as the median of several calls so that one hiccup of a loaded machine does
+# not decide; a service that queues calls behind slow peers answered nothing within 3 s.
+FAST = 0.2
 
 
 def _toml(value: str) -> str:
@@ -118,7 +118,7 @@ def test_connections_past_the_bound_get_a_fast_json_503(
         time.sleep(0.2)  # the worker has accepted all five
         started = time.monotonic()
         data = _raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert time.monotonic() - started < FAST
+        assert time.monotonic() - started < 1.0  # at once, not after the 30 s header deadline
         _assert_json_error(data, 503, "service_unavailable")
         assert b"retry-after: 1" in data.lower()
     finally:
@@ -310,3 +310,11 @@ database = {_toml(str(tmp_path / "db.sqlite3"))}
             assert answer.status_code == 401
             assert answer.json()["message"] == "signing keys unavailable"
             assert "WWW-Authenticate" in answer.headers
+
+        # A token over 8 KiB reaches the verifier (a 401 with its challenge, not an HTML 431);
+        # a header past the parser's limit is a JSON 431 that still names the scheme.
+        for size, status in ((12_000, 401), (30_000, 431)):
+            answer = _post_hook(server.url, body, headers={"Authorization": "Bearer " + "a" * size})
+            assert answer.status_code == status
+            assert answer.headers["Content-Type"] == "application/json"
+            assert answer.headers["WWW-Authenticate"].startswith('Bearer realm="flare-cds"')
