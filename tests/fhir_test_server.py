@@ -46,9 +46,6 @@ class RecordedRequest:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    # Keep-alive, as real FHIR servers do (Werkzeug's default handler would close each one).
-    protocol_version = "HTTP/1.1"
-
     def log_request(self, *args: Any, **kwargs: Any) -> None:
         """One log line per request would drown test output."""
 
