@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Flask
 
-from service.settings import Settings, load_settings
+from service.settings import Settings, load_settings, plain_http_key_urls
 
 __all__ = ["create_app"]
 
@@ -34,4 +34,8 @@ def create_app(settings: Settings | None = None, **runtime_overrides: Any) -> Fl
     install_timeline_app(app)
     if not settings.auth.required:
         app.logger.warning("client authentication is OFF (auth.required = false): development only")
+    for url in plain_http_key_urls(settings.auth):
+        app.logger.warning(
+            "signing keys are fetched over plain http from %s: development only", url
+        )
     return app

@@ -7,6 +7,7 @@ refused at start-up, because a typo in a threshold must never silently fall back
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import tomllib
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "FLARE_CDS_"
 CONFIG_ENV = "FLARE_CDS_CONFIG"
@@ -29,6 +31,11 @@ class SettingsError(ValueError):
 class HttpSettings:
     max_body_bytes: int = 5 * 1024 * 1024
     cors_origins: tuple[str, ...] = ("*",)
+    # From accept to the end of the request headers, and from there to the end of the body.
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    # Open connections per worker; one more is answered 503 at once.
+    max_connections: int = 1000
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,8 @@ class FhirSettings:
     # Servers cap `_count` (often at 20-50): 20 pages let a chart of several hundred
     # Conditions through while still bounding a runaway server.
     max_pages: int = 20
-    pool_size: int = 16
+    # Queries in flight to one FHIR server (origin) at a time, across all calls of a worker.
+    pool_size: int = 32
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,8 @@ class AuthSettings:
     required: bool = False
     public_base_url: str | None = None
     leeway_seconds: int = 30
+    # exp - iat, and the age of iat, accepted at most (plus leeway); the spec recommends 5 min.
+    max_token_lifetime_seconds: int = 300
     jwks_cache_seconds: int = 3600
     issuers: tuple[IssuerSettings, ...] = ()
 
@@ -276,6 +286,10 @@ def _check(settings: Settings) -> None:
         "app.launch_seconds": settings.app.launch_seconds,
         "app.session_seconds": settings.app.session_seconds,
         "app.http_timeout_seconds": settings.app.http_timeout_seconds,
+        "http.header_timeout_seconds": settings.http.header_timeout_seconds,
+        "http.body_timeout_seconds": settings.http.body_timeout_seconds,
+        "http.max_connections": settings.http.max_connections,
+        "auth.max_token_lifetime_seconds": settings.auth.max_token_lifetime_seconds,
     }
     for key, value in positive.items():
         if not math.isfinite(value) or value <= 0:
@@ -298,6 +312,12 @@ def _check(settings: Settings) -> None:
     for issuer in settings.auth.issuers:
         if not (issuer.jku or issuer.jwks_url or issuer.jwks_file):
             raise SettingsError(f"auth issuer {issuer.iss}: give jku, jwks_url or jwks_file")
+        for url in (*issuer.jku, *([issuer.jwks_url] if issuer.jwks_url else [])):
+            if not _secure_key_url(url) and url not in plain_http_key_urls(settings.auth):
+                raise SettingsError(
+                    f"auth issuer {issuer.iss}: key set URL {url!r} must be https "
+                    "(plain http only to a loopback address)"
+                )
     if not settings.app.client_id:
         raise SettingsError("app.client_id must not be empty")
     for server in settings.app.open_fhir_servers:
@@ -308,3 +328,29 @@ def _check(settings: Settings) -> None:
             raise SettingsError(f"app.frame_ancestors: {source!r} is not one CSP source")
     if settings.logging.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"logging.level {settings.logging.level!r} is not a log level")
+
+
+def _secure_key_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme.lower() == "https" and bool(parts.hostname)
+
+
+def plain_http_key_urls(auth: AuthSettings) -> list[str]:
+    """Configured http:// key set URLs to a loopback address: allowed for local set-ups, and
+    warned about at start-up (anyone on the path could swap the keys)."""
+    found = []
+    for issuer in auth.issuers:
+        for url in (*issuer.jku, *([issuer.jwks_url] if issuer.jwks_url else [])):
+            parts = urlsplit(url)
+            if parts.scheme.lower() == "http" and _is_loopback(parts.hostname or ""):
+                found.append(url)
+    return found
+
+
+def _is_loopback(host: str) -> bool:
+    if host.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

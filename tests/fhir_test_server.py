@@ -171,6 +171,14 @@ class FhirTestServer:
         self.max_page_size: int | None = None
         # A server that ignores the patient filter hands out every patient's data.
         self.ignore_patient: bool | Iterable[str] = False
+        # Send the status and headers, then the body one byte every this many seconds.
+        self.trickle_seconds: float | Mapping[str, float] = 0.0
+        # Answer 200 with exactly these bytes as FHIR JSON (e.g. JSON with NaN in it).
+        self.raw_body: bytes | None = None
+        # Keep each answer and send it again for the same URL (the benchmark's data never
+        # changes): the loopback server must not be what limits a load test.
+        self.cache_answers = False
+        self._answers: dict[str, tuple[int, bytes]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -255,7 +263,34 @@ class FhirTestServer:
                     request.headers.get("Accept"),
                 )
             )
-        return self._respond(request)(environ, start_response)
+        segments = [s for s in request.path[len(self.base_path) :].split("/") if s]
+        if self.cache_answers and request.full_path in self._answers:
+            delay = _fault(self.delay_seconds, segments[0] if segments else "") or 0.0
+            if delay:
+                self._stopping.wait(delay)
+            status, data = self._answers[request.full_path]
+            return Response(data, status, mimetype=FHIR_JSON)(environ, start_response)
+        response = self._respond(request)
+        if self.cache_answers:
+            self._answers[request.full_path] = (response.status_code, response.get_data())
+        trickle = _fault(self.trickle_seconds, segments[0] if segments else "") or 0.0
+        if trickle:
+            data = response.get_data()
+            # With a Content-Length (not chunked) a client cannot tell a byte from a chunk.
+            response = Response(
+                self._trickled(data, trickle),
+                response.status_code,
+                headers={"Content-Length": str(len(data))},
+                mimetype=FHIR_JSON,
+                direct_passthrough=True,
+            )
+        return response(environ, start_response)
+
+    def _trickled(self, body: bytes, interval: float) -> Iterable[bytes]:
+        for index in range(len(body)):
+            if self._stopping.wait(interval):
+                return
+            yield body[index : index + 1]
 
     def _respond(self, request: Request) -> Response:
         if request.method != "GET":
@@ -274,6 +309,8 @@ class FhirTestServer:
         status = _fault(self.fail_status, resource_type)
         if status:
             return _outcome(status, "exception", f"injected failure {status}")
+        if self.raw_body is not None:
+            return Response(self.raw_body, 200, mimetype=FHIR_JSON)
         if _fault(self.malformed, resource_type):
             return Response("<html><body>Bad gateway</body></html>", 200, mimetype="text/html")
         if _fault(self.operation_outcome, resource_type):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Settings, SettingsError, load_settings, plain_http_key_urls
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -85,6 +85,12 @@ tenants = ["t1"]
         ("[auth]\nrequired = true\n", "no [[auth.issuers]]"),
         ("[[auth.issuers]]\niss = 'x'\n", "jku, jwks_url or jwks_file"),
         ("[logging]\nlevel = 'LOUD'\n", "not a log level"),
+        ("[[auth.issuers]]\niss = 'x'\njku = ['http://keys.example.org/jwks']\n", "must be https"),
+        ("[[auth.issuers]]\niss = 'x'\njwks_url = 'http://10.0.0.5/jwks'\n", "must be https"),
+        ("[[auth.issuers]]\niss = 'x'\njwks_url = 'ftp://keys.example.org/jwks'\n", "https"),
+        ("[auth]\nmax_token_lifetime_seconds = 0\n", "greater than zero"),
+        ("[http]\nheader_timeout_seconds = 0\n", "greater than zero"),
+        ("[http]\nmax_connections = -1\n", "greater than zero"),
         ("not toml at all [", "not valid TOML"),
     ],
 )
@@ -131,3 +137,23 @@ def test_readme_site_codes_example_loads(tmp_path: Path) -> None:
     assert match_drug({"text": "RTX-local 700 mg"}, terms.anti_cd20)[0].name == "RTX-local"
     atc = {"coding": [{"system": "http://www.whocc.no/atc", "code": "L04AG08"}]}
     assert match_drug(atc, terms.anti_cd20) is not None
+
+
+def test_plain_http_key_urls_only_to_loopback_and_named_for_a_warning(tmp_path: Path) -> None:
+    text = """
+[[auth.issuers]]
+iss = "https://a.example.org"
+jku = ["http://127.0.0.1:8123/jwks.json", "https://a.example.org/jwks.json"]
+[[auth.issuers]]
+iss = "https://b.example.org"
+jwks_url = "http://[::1]:8124/jwks.json"
+[[auth.issuers]]
+iss = "https://c.example.org"
+jwks_url = "http://localhost:8125/jwks.json"
+"""
+    auth = load_settings(write(tmp_path, text), environ={}).auth
+    assert plain_http_key_urls(auth) == [
+        "http://127.0.0.1:8123/jwks.json",
+        "http://[::1]:8124/jwks.json",
+        "http://localhost:8125/jwks.json",
+    ]

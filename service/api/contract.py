@@ -80,6 +80,11 @@ class Contract:
             self.fast_validator(name)
 
     def problems(self, schema_name: str, instance: Any, limit: int = 10) -> list[Problem]:
+        # Array caps first, in time set by the schema, not the body: validating every item of
+        # an array with 400,000 of them is the cost maxItems is there to refuse.
+        oversized = list(self._oversized({"$ref": f"#/components/schemas/{schema_name}"}, instance))
+        if oversized:
+            return sorted(oversized[:limit], key=lambda p: p.location)
         if self.fast_validator(schema_name).is_valid(instance):
             return []
         found = []
@@ -89,6 +94,36 @@ class Contract:
                 break
         found.sort(key=lambda p: p.location)
         return found
+
+    def _oversized(self, schema: Any, instance: Any, where: str = "") -> Iterator[Problem]:
+        """Arrays longer than their `maxItems`, found by following the schema's properties (and
+        $ref, allOf, additionalProperties) into the instance; array items are not visited."""
+        if not isinstance(schema, dict):
+            return
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/"):
+            target: Any = self.document
+            for part in ref[2:].split("/"):
+                target = target.get(part, {}) if isinstance(target, dict) else {}
+            yield from self._oversized(target, instance, where)
+        for part in schema.get("allOf", ()):
+            yield from self._oversized(part, instance, where)
+        cap = schema.get("maxItems")
+        if isinstance(instance, list) and isinstance(cap, int) and len(instance) > cap:
+            yield Problem(
+                where or "(body)", f"has {len(instance)} items; at most {cap} are accepted"
+            )
+        if not isinstance(instance, dict):
+            return
+        properties = schema.get("properties", {})
+        for name, sub in properties.items():
+            if name in instance:
+                yield from self._oversized(sub, instance[name], f"{where}.{name}".lstrip("."))
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for name, value in instance.items():
+                if name not in properties:
+                    yield from self._oversized(extra, value, f"{where}.{name}".lstrip("."))
 
     @cached_property
     def version(self) -> str:

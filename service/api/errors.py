@@ -15,8 +15,12 @@ _HTTP_CODES = {
     400: "invalid_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type",
+    431: "header_fields_too_large",
+    503: "service_unavailable",
 }
 
 log = logging.getLogger("flare_cds.errors")

@@ -30,6 +30,10 @@ JSON_BODY_TYPES = ("application/json", "application/fhir+json")
 # Far deeper than any FHIR resource or CDS Hooks request, far shallower than what makes
 # recursive Python code (schema validation, error rendering) hit the interpreter's limit.
 MAX_JSON_DEPTH = 100
+# Objects and arrays in one body. A long-treated patient's full prefetch is about 18 per kB
+# (2,300 in the benchmark's 124 kB record), so a 5 MB body of real FHIR stays under it; a body of
+# 400,000 empty objects, which costs seconds of parsing and validation, does not.
+MAX_JSON_CONTAINERS = 100_000
 
 # Brackets inside string literals do not nest anything. Telling where strings end takes linear
 # time on any input: bytes methods, and patterns that never backtrack (see _bracket_shape).
@@ -139,7 +143,10 @@ def json_nesting_exceeds(raw: bytes, limit: int) -> bool:
     Each pass deletes the innermost bracket pairs, so `limit` passes empty any document that is
     shallow enough. Malformed bracket sequences stop shrinking and are left to the parser.
     """
-    shape = _bracket_shape(raw)
+    return _shape_nests_deeper(_bracket_shape(raw), limit)
+
+
+def _shape_nests_deeper(shape: bytes, limit: int) -> bool:
     for _ in range(limit):
         inner = shape.replace(b"[]", b"")
         if inner == shape:
@@ -216,16 +223,30 @@ def _cors(response: Response, origins: tuple[str, ...]) -> None:
 
 
 def _check_json_body() -> None:
-    """Refuse JSON nested deeper than MAX_JSON_DEPTH before a route parses and walks it."""
+    """Refuse JSON too deep or with too many parts before a route parses and walks it.
+
+    Both checks run on the bytes in time linear in their size, so an absurd body costs about as
+    much as reading it; the schema's maxItems caps are checked next, before the full validation
+    (service.api.contract).
+    """
     if request.method != "POST" or request.url_rule is None:
         return
     if (request.mimetype or "").lower() not in JSON_BODY_TYPES:
         return
     # Cached, so the route's own get_data() reads this copy; a body over the limit is a 413 here.
     raw = request.get_data(cache=True)
-    if json_nesting_exceeds(raw, MAX_JSON_DEPTH):
+    shape = _bracket_shape(raw)
+    if _shape_nests_deeper(shape, MAX_JSON_DEPTH):
         raise ApiError(
             400, "invalid_json", f"the body nests arrays or objects more than {MAX_JSON_DEPTH} deep"
+        )
+    containers = shape.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"the body holds {containers} objects and arrays; at most {MAX_JSON_CONTAINERS} "
+            "are accepted",
         )
 
 

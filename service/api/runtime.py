@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from service.api.blocking import off_loop
 from service.api.contract import Contract
 from service.cards.builder import CardBuilder
 from service.cards.catalog import load_catalog
@@ -72,7 +73,7 @@ class Runtime:
         def build() -> Any:
             from service.storage.feedback import open_store
 
-            return open_store(self.settings.storage)
+            return off_loop(open_store(self.settings.storage))
 
         return self._once("_store", build)
 
@@ -92,7 +93,7 @@ class Runtime:
             from service.storage.replay_cache import SqliteReplayCache
 
             cache_path = _beside(self.settings.storage.database, "replay-cache.sqlite3")
-            return TokenVerifier(self.settings.auth, SqliteReplayCache(cache_path))
+            return TokenVerifier(self.settings.auth, off_loop(SqliteReplayCache(cache_path)))
 
         return self._once("_verifier", build)
 

@@ -8,6 +8,11 @@ that omit the header. Sets are cached per source for `jwks_cache_seconds`; an un
 one refetch, at most every MIN_REFETCH_SECONDS per source, so forged tokens cannot make us hammer
 the client's key host.
 
+A key host that is slow or hostile costs only its own issuer, and little: no lock is held while a
+set is fetched, each source has at most one fetch in flight (the others wait for it, up to its
+deadline, or are served the last good set at once), every fetch has an overall deadline of
+FETCH_DEADLINE_SECONDS, and the back-off is counted from when an attempt ended.
+
 Only public signing keys PyJWT can load are kept, each bound to the algorithms its type allows.
 """
 
@@ -24,6 +29,7 @@ from typing import Any
 
 import jwt
 import requests
+import urllib3
 
 from service.settings import IssuerSettings
 
@@ -43,6 +49,8 @@ ALGORITHMS: dict[str, tuple[str, str | None]] = {
     "ES512": ("EC", "P-521"),
 }
 FETCH_TIMEOUT = (2.0, 2.0)  # connect, read: a hook call must answer in about half a second
+# From the first byte sent to the last received; past it, callers stop waiting for the fetch.
+FETCH_DEADLINE_SECONDS = 1.5
 MAX_JWKS_BYTES = 256 * 1024
 MIN_REFETCH_SECONDS = 30.0
 FAILURE_BACKOFF_SECONDS = 5.0
@@ -84,6 +92,21 @@ class _CachedSet:
     fetched_at: float
 
 
+class _Flight:
+    """One fetch of one source under way; `done` is set when it has ended either way."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.deadline = time.monotonic() + FETCH_DEADLINE_SECONDS
+
+
+@dataclass
+class _SourceState:
+    cached: _CachedSet | None = None
+    last_attempt: float | None = None  # when the last fetch ended, by the injected clock
+    flight: _Flight | None = None
+
+
 class _FetchError(Exception):
     pass
 
@@ -101,10 +124,9 @@ class SigningKeys:
         self._cache_seconds = cache_seconds
         self._http = http or requests.Session()
         self._clock = clock
-        self._sets: dict[_Source, _CachedSet] = {}
-        self._last_attempt: dict[_Source, float] = {}
-        self._locks: dict[_Source, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._states: dict[_Source, _SourceState] = {}
+        # Guards _states only, and is never held across I/O.
+        self._lock = threading.Lock()
 
     def key_for(self, header: dict[str, Any], issuer: IssuerSettings) -> Jwk:
         """The issuer's key the token header names; SigningKeyError if none can be trusted."""
@@ -147,47 +169,73 @@ class SigningKeys:
 
     def _keys(self, source: _Source, *, refresh: bool) -> list[Jwk]:
         """Cached keys of one source; `refresh` asks for a rate-limited refetch (unknown kid)."""
-        with self._lock_for(source):
+        with self._lock:
+            state = self._states.setdefault(source, _SourceState())
             now = self._clock()
-            cached = self._sets.get(source)
-            fresh = cached and now - cached.fetched_at < self._cache_seconds
-            if cached and fresh and not refresh:
+            cached = state.cached
+            if cached and not refresh and now - cached.fetched_at < self._cache_seconds:
                 return cached.keys
-            last = self._last_attempt.get(source)
-            wait = MIN_REFETCH_SECONDS if cached else FAILURE_BACKOFF_SECONDS
-            if last is not None and now - last < wait:
-                if cached:
-                    return cached.keys
-                raise SigningKeyError("signing keys unavailable")
-            self._last_attempt[source] = now
-            try:
-                keys = _parse_jwks(self._load(source))
-            except _FetchError as exc:
-                log.warning("cannot load signing keys from %s: %s", source.location, exc)
-                if cached:
-                    # A stale set beats refusing every client while its key host is down.
-                    return cached.keys
-                raise SigningKeyError("signing keys unavailable") from None
-            self._sets[source] = _CachedSet(keys, now)
+            flight = state.flight
+            if flight is None:
+                wait = MIN_REFETCH_SECONDS if cached else FAILURE_BACKOFF_SECONDS
+                if state.last_attempt is not None and now - state.last_attempt < wait:
+                    if cached:
+                        return cached.keys
+                    raise SigningKeyError("signing keys unavailable")
+                flight = state.flight = _Flight()
+                threading.Thread(
+                    target=self._fetch, args=(source, flight), name="jwks-fetch", daemon=True
+                ).start()
+            if cached and not refresh:
+                # Expired, not wrong: the last good set serves while the new one is fetched.
+                return cached.keys
+        flight.done.wait(max(0.0, flight.deadline - time.monotonic()))
+        with self._lock:
+            latest = state.cached
+        if latest is not None:
+            # The new set if it came; otherwise a stale one beats refusing every client.
+            return latest.keys
+        raise SigningKeyError("signing keys unavailable")
+
+    def _fetch(self, source: _Source, flight: _Flight) -> None:
+        keys: list[Jwk] | None = None
+        try:
+            keys = _parse_jwks(self._load(source, flight.deadline))
+        except _FetchError as exc:
+            log.warning("cannot load signing keys from %s: %s", source.location, exc)
+        except Exception as exc:  # a bug here must not leave the flight open forever
+            log.error(
+                "unexpected %s loading signing keys from %s", type(exc).__name__, source.location
+            )
+        with self._lock:
+            state = self._states[source]
+            # Stamped when the attempt ended, so a slow failure still backs off in full.
+            state.last_attempt = self._clock()
+            if keys is not None:
+                state.cached = _CachedSet(keys, state.last_attempt)
+            state.flight = None
+        flight.done.set()
+        if keys is not None:
             log.info("loaded %d signing key(s) from %s", len(keys), source.location)
-            return keys
 
-    def _lock_for(self, source: _Source) -> threading.Lock:
-        # One lock per source: concurrent requests wait for a single fetch instead of each fetching.
-        with self._locks_guard:
-            return self._locks.setdefault(source, threading.Lock())
-
-    def _load(self, source: _Source) -> bytes:
+    def _load(self, source: _Source, deadline: float) -> bytes:
         if source.is_file:
             try:
                 return Path(source.location).read_bytes()[: MAX_JWKS_BYTES + 1]
             except OSError as exc:
                 raise _FetchError(f"cannot read file: {exc.strerror}") from None
+
+        def remaining(limit: float) -> float:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _FetchError("timed out")
+            return min(limit, left)
+
         try:
             # No redirects: the allow-list names the exact URL we trust.
             with self._http.get(
                 source.location,
-                timeout=FETCH_TIMEOUT,
+                timeout=(remaining(FETCH_TIMEOUT[0]), remaining(FETCH_TIMEOUT[1])),
                 allow_redirects=False,
                 stream=True,
                 headers={"Accept": "application/json"},
@@ -195,12 +243,15 @@ class SigningKeys:
                 if response.status_code != 200:
                     raise _FetchError(f"HTTP {response.status_code}")
                 body = b""
-                for chunk in response.iter_content(16 * 1024):
-                    body += chunk
-                    if len(body) > MAX_JWKS_BYTES:
+                # read1: whatever has arrived, so a host that trickles meets the deadline.
+                while len(body) <= MAX_JWKS_BYTES:
+                    chunk = response.raw.read1(16 * 1024)
+                    if not chunk:
                         break
+                    body += chunk
+                    remaining(FETCH_TIMEOUT[1])  # raises once the deadline has passed
                 return body
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise _FetchError(type(exc).__name__) from None
 
 

@@ -148,6 +148,13 @@ class TokenVerifier:
             raise AuthError("token issued in the future")
         if nbf > now + leeway:
             raise AuthError("token not yet valid")
+        # The spec recommends exp at most 5 minutes after iat: a token that lives for years is
+        # a stolen credential waiting to be replayed once the replay cache has forgotten it.
+        lifetime = self._settings.max_token_lifetime_seconds
+        if iat < now - lifetime - leeway:
+            raise AuthError("token issued too long ago")
+        if exp - iat > lifetime + leeway:
+            raise AuthError("token lifetime too long")
         if issuer.tenants and claims.get("tenant") not in issuer.tenants:
             raise AuthError("tenant not allowed")
         if not isinstance(claims["jti"], str):

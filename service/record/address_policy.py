@@ -4,7 +4,7 @@ The fhirServer of a CDS Hooks request comes from the caller, so it is checked li
 URL before anything is fetched from it: http(s) only, no credentials, query or dot segments,
 never a link-local or cloud metadata address (by name, literal or DNS answer), and, when
 `fhir.allowed_servers` is set, under one of its prefixes. The connect-time check of the address
-actually reached lives with the HTTP pool in `service.record.fhir_client`; it uses `forbidden_ip`.
+actually reached lives with the HTTP pool in `service.record.fhir_http`; it uses `forbidden_ip`.
 
 Standard library only, so importing it never builds the HTTP machinery.
 """
@@ -24,7 +24,15 @@ _METADATA_IPS = frozenset(
     ipaddress.ip_address(address)
     for address in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "192.0.0.192")
 )
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 prefixes whose low 32 bits are an IPv4 address: NAT64 (RFC 6052), IPv4-compatible
+# (deprecated, ::a.b.c.d) and IPv4-translated (RFC 2765, ::ffff:0:a.b.c.d). IPv4-mapped, 6to4
+# and Teredo have their own accessors on IPv6Address.
+_LOW_32_BITS_IPV4 = tuple(
+    ipaddress.ip_network(prefix) for prefix in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")
+)
+# RFC 8215 local-use NAT64 prefix, written with the RFC 6052 /48 layout: the IPv4 address in
+# bits 48-63 and 72-87 (bits 64-71 are zero).
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -57,17 +65,31 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address the IPv6 address may carry, in any of the standard spellings."""
+    found = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
+    if ip.teredo is not None:
+        found.extend(ip.teredo)  # (server, client); the client is already de-obfuscated
+    value = int(ip)
+    if any(ip in prefix for prefix in _LOW_32_BITS_IPV4) and value > 0xFFFF:
+        found.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))  # ::1 and :: stay themselves
+    if ip in _NAT64_LOCAL:
+        found.append(ipaddress.IPv4Address(((value >> 64) & 0xFFFF) << 16 | (value >> 40) & 0xFFFF))
+    return found
+
+
 def forbidden_ip(address: str) -> bool:
     """True for link-local and cloud metadata addresses, including IPv4 embedded in IPv6."""
     ip = _ip(address)
     if ip is None:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None and forbidden_ip(str(embedded)):
+        if any(_forbidden(embedded) for embedded in _embedded_ipv4(ip)):
             return True
+    return _forbidden(ip)
+
+
+def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_link_local or ip in _METADATA_IPS
 
 

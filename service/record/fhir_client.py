@@ -5,39 +5,42 @@ CDS Hooks 2.0 ("FHIR Resource Access") lets a service run its prefetch queries a
 caller, so it is checked first (`service.record.address_policy`), the token only ever goes to the
 fhirServer's own origin, every connection is checked again for the address actually reached, and
 the whole fetch is bounded by one deadline because the client expects an answer in about 500 ms.
+
+The deadline is a whole-call one: when it passes, the sockets of the queries still running are
+shut down (service.record.fhir_http), so a server that trickles its answer a byte at a time
+holds nothing past the call. Each FHIR origin has its own bounded pool of fetchers, so one slow
+server cannot starve calls to another.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import socket
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import orjson
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import ReadTimeoutError
 
 # FhirServerRefused is re-exported: it is part of this module's API (gathering catches it).
 from service.record.address_policy import (
     FhirServerPolicy,
     FhirServerRefused,
-    forbidden_ip,
+    Origin,
     has_dot_segments,
     origin_of,
 )
 
 # Bound under this module's name on purpose: tests patch `fhir_client._resolves_to_forbidden`.
 from service.record.address_policy import resolves_to_forbidden as _resolves_to_forbidden
+from service.record.fhir_http import ForbiddenPeerError, QueryScope, new_session
 from service.settings import FhirSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 _RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
 # RFC 6750 is stricter; visible ASCII is enough to keep the token out of header-injection errors.
 _BEARER_TOKEN = re.compile(r"[\x21-\x7e]+")
+# Origins with a pool of their own; past this, the least recently used pool is let go.
+MAX_ORIGIN_POOLS = 32
 
 
 @dataclass(frozen=True)
@@ -81,62 +86,6 @@ class _FetchError(Exception):
         self.status = status
 
 
-def _peer_forbidden(address: str) -> bool:  # separate so tests can exercise the connect guard
-    return forbidden_ip(address)
-
-
-class _ForbiddenPeerError(NewConnectionError):
-    """Raised at connect time, so a DNS answer that changed after the server check still cannot
-    reach a metadata service."""
-
-
-def _guard(conn: HTTPConnection, sock: socket.socket) -> socket.socket:
-    if _peer_forbidden(str(sock.getpeername()[0])):
-        sock.close()
-        raise _ForbiddenPeerError(conn, "refused to connect to a link-local or metadata address")
-    return sock
-
-
-class _GuardedHTTPConnection(HTTPConnection):
-    def _new_conn(self) -> socket.socket:
-        return _guard(self, super()._new_conn())
-
-
-class _GuardedHTTPSConnection(HTTPSConnection):
-    def _new_conn(self) -> socket.socket:  # same guard; HTTPS does not inherit the one above
-        return _guard(self, super()._new_conn())
-
-
-class _GuardedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _GuardedHTTPConnection
-
-
-class _GuardedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _GuardedHTTPSConnection
-
-
-class _GuardedAdapter(HTTPAdapter):
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _GuardedHTTPPool,
-            "https": _GuardedHTTPSPool,
-        }
-
-
-def _new_session(pool_size: int) -> requests.Session:
-    session = requests.Session()
-    # No proxies or .netrc credentials from the environment: the target URL is client-supplied.
-    session.trust_env = False
-    # Cookies would leak state between requests made for different users of the same server.
-    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-    # Retries would blow the deadline; one attempt, then report the failure.
-    adapter = _GuardedAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
 class FhirFetcher:
     """Runs prefetch queries concurrently against a client's FHIR server.
 
@@ -148,10 +97,10 @@ class FhirFetcher:
         self._settings = settings
         self._policy = FhirServerPolicy(settings.allowed_servers)
         self._owns_session = session is None
-        self._session = session or _new_session(settings.pool_size)
-        self._executor = ThreadPoolExecutor(
-            max_workers=settings.pool_size, thread_name_prefix="fhir-fetch"
-        )
+        self._session = session or new_session(settings.pool_size)
+        # One bounded pool per FHIR origin: a server that stalls fills only its own.
+        self._pools: OrderedDict[Origin, ThreadPoolExecutor] = OrderedDict()
+        self._pools_lock = threading.Lock()
         # getaddrinfo has no timeout of its own; a few threads bound both the wait and the
         # number of lookups a dead resolver can hold at once.
         self._resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fhir-dns")
@@ -165,7 +114,10 @@ class FhirFetcher:
     def close(self) -> None:
         self._closed = True
         # Workers are bounded by the deadline already; do not wait for them here.
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._pools_lock:
+            pools, self._pools = list(self._pools.values()), OrderedDict()
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
         self._resolver.shutdown(wait=False, cancel_futures=True)
         if self._owns_session:
             self._session.close()
@@ -195,8 +147,10 @@ class FhirFetcher:
         if access_token and not _BEARER_TOKEN.fullmatch(access_token):
             reason = "access token cannot be sent as a bearer token"
             return {key: FetchOutcome(key, query, error=reason) for key, query in queries.items()}
+        pool = self._pool_for(origin_of(base))
+        scopes = {key: QueryScope() for key in queries}
         futures = {
-            key: self._executor.submit(self._fetch_one, base, access_token, key, query, deadline)
+            key: pool.submit(self._fetch_one, base, access_token, key, query, deadline, scopes[key])
             for key, query in queries.items()
         }
         wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
@@ -206,11 +160,26 @@ class FhirFetcher:
                 outcomes[key] = future.result()
             else:
                 future.cancel()  # frees the queue slot if it never started
+                scopes[key].cancel()  # and ends the fetch if it did
                 outcomes[key] = FetchOutcome(key, queries[key], error=self._deadline_reason())
         failures = [f"{o.key}: {o.error}" for o in outcomes.values() if not o.ok]
         if failures:  # netloc only: the query holds patient ids, and credentials were refused
             log.warning("FHIR fetch from %s incomplete: %s", urlsplit(base).netloc, failures)
         return outcomes
+
+    def _pool_for(self, origin: Origin) -> ThreadPoolExecutor:
+        with self._pools_lock:
+            pool = self._pools.get(origin)
+            if pool is None:
+                pool = ThreadPoolExecutor(
+                    max_workers=self._settings.pool_size, thread_name_prefix="fhir-fetch"
+                )
+                self._pools[origin] = pool
+                if len(self._pools) > MAX_ORIGIN_POOLS:
+                    # Its running queries still end at their deadlines.
+                    self._pools.popitem(last=False)[1].shutdown(wait=False)
+            self._pools.move_to_end(origin)
+            return pool
 
     def _deadline_reason(self) -> str:
         return f"timed out after {self._settings.deadline_seconds:g} s"
@@ -230,13 +199,24 @@ class FhirFetcher:
             raise _ResolveTimeout from None
 
     def _fetch_one(
-        self, base: str, token: str | None, key: str, query: str, deadline: float
+        self,
+        base: str,
+        token: str | None,
+        key: str,
+        query: str,
+        deadline: float,
+        scope: QueryScope,
     ) -> FetchOutcome:
         try:
-            resource, status = self._run_query(base, token, query, deadline)
-        except _FetchError as exc:
-            return FetchOutcome(key, query, error=exc.reason, status=exc.status)
+            if scope.cancelled or time.monotonic() >= deadline:
+                raise _FetchError(self._deadline_reason())  # queued until its call was over
+            with scope:
+                resource, status = self._run_query(base, token, query, deadline)
         except Exception as exc:
+            if scope.cancelled:  # whatever the cut-off socket raised, the reason is the deadline
+                return FetchOutcome(key, query, error=self._deadline_reason())
+            if isinstance(exc, _FetchError):
+                return FetchOutcome(key, query, error=exc.reason, status=exc.status)
             # The type only: some library messages echo header values, i.e. the token.
             log.error("unexpected %s fetching prefetch key %s", type(exc).__name__, key)
             return FetchOutcome(key, query, error="internal error while fetching")
@@ -267,6 +247,9 @@ class FhirFetcher:
             if next_url is None:
                 return _merged(first, entries), status
             next_url = urljoin(url, next_url)
+            if "@" in urlsplit(next_url).netloc:
+                # requests would send the user:password in it as Basic credentials.
+                raise _FetchError("next link with user credentials not followed", status)
             # The token must never travel to, nor data be taken from, another origin.
             if origin_of(next_url) != origin_of(base):
                 raise _FetchError("next link to another origin not followed", status)
@@ -288,8 +271,9 @@ class FhirFetcher:
         if not 200 <= status < 300:
             raise _FetchError(f"FHIR server answered {status}", status)
         try:
-            resource = json.loads(body)
-        except ValueError:  # includes UnicodeDecodeError
+            # Strict JSON: NaN and Infinity are not JSON, and a NaN IgM would compare as "low".
+            resource = orjson.loads(body)
+        except orjson.JSONDecodeError:  # includes invalid UTF-8
             raise _FetchError("response is not JSON", status) from None
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
             raise _FetchError("response is not a FHIR resource", status)
@@ -319,7 +303,7 @@ class FhirFetcher:
             cause = exc.args[0] if exc.args else None
             if isinstance(cause, ReadTimeoutError):  # a timeout while streaming the body
                 raise _FetchError(self._timeout_reason(deadline)) from None
-            if isinstance(getattr(cause, "reason", None), _ForbiddenPeerError):
+            if isinstance(getattr(cause, "reason", None), ForbiddenPeerError):
                 reason = "FHIR server address is link-local or metadata; not contacted"
                 raise _FetchError(reason) from None
             raise _FetchError("could not connect to the FHIR server") from None

@@ -44,7 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    serve.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="threads per worker")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help="accepted for older command lines; gevent workers need no threads",
+    )
     serve.set_defaults(handler=_serve)
 
     evaluate = commands.add_parser(

@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -193,6 +194,8 @@ def test_valid_token_passes(key: Key, jwks_server: JwksServer, clock: Clock, htt
         {"aud": AUD + "/"},  # one trailing slash of difference is forgiven
         {"iat": int(T0) + 29},  # clock skew within the leeway
         {"exp": int(T0) - 29},
+        {"exp": int(T0) + 330},  # the 300 s lifetime cap, plus the leeway
+        {"iat": int(T0) - 330, "exp": int(T0)},
         {"sub": "someone"},  # allowed, never required
     ],
 )
@@ -292,6 +295,10 @@ REJECTED: list[tuple[str, Callable[[Clock], str], str]] = [
     ("expired", signed(exp=NOW - 30, iat=NOW - 330), "token expired"),
     ("future iat", signed(iat=NOW + 31, exp=NOW + 331), "token issued in the future"),
     ("not before", signed(nbf=NOW + 60), "token not yet valid"),
+    ("exp 10 years ahead", signed(exp=NOW + 10 * 365 * 86400), "token lifetime too long"),
+    ("lifetime just past the cap", signed(exp=NOW + 331), "token lifetime too long"),
+    ("iat 20 years ago", signed(iat=NOW - 20 * 365 * 86400), "token issued too long ago"),
+    ("iat just past the cap", signed(iat=NOW - 331, exp=NOW), "token issued too long ago"),
     ("exp not a number", signed(exp="soon"), "malformed time claim"),
     ("exp NaN", signed(exp=float("nan")), "malformed time claim"),
     ("wrong aud", signed(aud="https://cds.example.org/cds-services"), "audience mismatch"),
@@ -346,7 +353,11 @@ def test_allow_listed_jku_is_fetched_and_cached(
     verifier.verify(bearer(sign(EC_A, claims(clock))), AUD)
     assert jwks_server.hits == 1
     clock.now += 3601  # the cached set has expired
+    # Still valid for the token, so it is used while the set is fetched again in the background.
     verifier.verify(bearer(sign(EC_A, claims(clock), jku=jwks_server.url)), AUD)
+    deadline = time.monotonic() + 5
+    while jwks_server.hits < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert jwks_server.hits == 2
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from service.record import fhir_client
+from service.record import fhir_client, fhir_http
 from service.settings import FhirSettings
 from tests.conftest import LiveServer, assert_conforms, load_fixture, post_hook
 from tests.fhir_test_server import FhirTestServer
@@ -311,7 +311,7 @@ def test_address_reached_is_checked_at_connect(
     app: Any, fhir: FhirTestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """DNS rebinding: a name checked as safe but connected to a metadata address."""
-    monkeypatch.setattr(fhir_client, "_peer_forbidden", lambda address: address == "127.0.0.1")
+    monkeypatch.setattr(fhir_http, "_peer_forbidden", lambda address: address == "127.0.0.1")
     body = fetching(load_fixture(ORDER), fhir.base_url)
     response = post_hook(app.test_client(), body)
     reason = "FHIR server address is link-local or metadata; not contacted"

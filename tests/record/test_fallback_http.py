@@ -118,9 +118,7 @@ def comparable(cards: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 {k: v for k, v in s.items() if k != "uuid"} for s in card["suggestions"]
             ]
         if "links" in card:
-            card["links"] = [
-                {k: link[k] for k in ("label", "type")} for link in card["links"]
-            ]
+            card["links"] = [{k: link[k] for k in ("label", "type")} for link in card["links"]]
         stripped.append(card)
     return stripped
 

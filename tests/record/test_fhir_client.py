@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from service.record import fhir_client
+from service.record import fhir_http
 from service.record.address_policy import forbidden_ip
 from service.record.fhir_client import FetchOutcome, FhirFetcher, FhirServerRefused
 from service.settings import FhirSettings
@@ -355,7 +355,7 @@ def test_hostname_resolving_to_link_local_is_refused(
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 80))]
         return real(host, *args, **kwargs)
 
-    monkeypatch.setattr(fhir_client.socket, "getaddrinfo", fake)
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
     with pytest.raises(FhirServerRefused, match="resolves to a link-local"):
         make_fetcher().check_server("https://fhir.rebind.test/fhir")
 
@@ -364,7 +364,7 @@ def test_connect_guard_checks_the_address_actually_reached(
     fhir: FhirTestServer, make_fetcher: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Stands in for a DNS answer that changed between check_server and connect.
-    monkeypatch.setattr(fhir_client, "_peer_forbidden", lambda address: address == "127.0.0.1")
+    monkeypatch.setattr(fhir_http, "_peer_forbidden", lambda address: address == "127.0.0.1")
     outcome = _fetch_one(make_fetcher(), fhir, "Patient/p1")
     assert outcome.error == "FHIR server address is link-local or metadata; not contacted"
     assert fhir.requests == []
@@ -532,3 +532,36 @@ def test_shipped_fixtures_load(make_fetcher: Any) -> None:
             outcomes = fetcher.fetch_all(server.base_url, None, queries)
             got = {kind: set(_ids(outcome)) for kind, outcome in outcomes.items()}
             assert got == expected, file.name
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::169.254.169.254",  # IPv4-compatible, dotted
+        "::a9fe:a9fe",  # IPv4-compatible, hex
+        "::ffff:a9fe:a9fe",  # IPv4-mapped, hex
+        "0:0:0:0:0:ffff:169.254.169.254",  # IPv4-mapped, written out
+        "::ffff:0:169.254.169.254",  # IPv4-translated (SIIT)
+        "64:ff9b::a9fe:a9fe",  # NAT64 well-known prefix
+        "64:ff9b:1:a9fe:a9:fe00::",  # NAT64 local-use prefix, RFC 6052 /48 layout
+        "2002:a9fe:a9fe::1",  # 6to4
+        "2001:0:4136:e378:8000:63bf:5601:5601",  # Teredo, client 169.254.169.254 obfuscated
+        "FE80::1",  # link-local, upper case
+        "fe80::1%25eth0",  # link-local with a (URL-encoded) zone id
+        "febf:ffff::1",  # the top of fe80::/10
+        "fd00:ec2:0:0:0:0:0:254",  # AWS IPv6 metadata, written out
+        "::192.0.0.192",  # Oracle Cloud metadata, IPv4-compatible
+    ],
+)
+def test_every_ipv6_spelling_of_metadata_and_link_local_is_refused(
+    make_fetcher: Any, address: str
+) -> None:
+    assert forbidden_ip(address.replace("%25", "%"))
+    with pytest.raises(FhirServerRefused, match="link-local or cloud metadata"):
+        make_fetcher().check_server(f"http://[{address}]/fhir")
+
+
+@pytest.mark.parametrize("address", ["::1", "::ffff:127.0.0.1", "2001:db8::1", "64:ff9b::a01:101"])
+def test_ordinary_ipv6_addresses_are_not_refused(make_fetcher: Any, address: str) -> None:
+    assert not forbidden_ip(address)
+    make_fetcher().check_server(f"http://[{address}]/fhir")

@@ -1,0 +1,144 @@
+"""The HTTP machinery of the FHIR fetcher: guarded connections and cutting a query off.
+
+Every connection checks the address it actually reached (a DNS answer may change after the
+fhirServer check), and every socket a query uses is registered with its QueryScope, so the
+fetcher can shut them down when the call's deadline passes: a read blocked on a server that
+trickles its answer returns at once, with threads and with gevent alike.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from http.cookiejar import DefaultCookiePolicy
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NewConnectionError
+
+from service.record.address_policy import forbidden_ip
+
+
+class QueryScope:
+    """The sockets one query is using, so the caller can cut them off at the deadline."""
+
+    _current = threading.local()  # greenlet-local under gevent
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.cancelled = False
+
+    @classmethod
+    def current(cls) -> QueryScope | None:
+        return getattr(cls._current, "scope", None)
+
+    def __enter__(self) -> QueryScope:
+        type(self)._current.scope = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        type(self)._current.scope = None
+        with self._lock:
+            self._sockets.clear()
+
+    def attach(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.append(sock)
+            cancelled = self.cancelled
+        if cancelled:
+            _shut(sock)
+
+    def cancel(self) -> None:
+        """Shut down every socket the query holds: a blocked read or write returns at once."""
+        with self._lock:
+            self.cancelled = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+def _attach(sock: socket.socket | None) -> None:
+    scope = QueryScope.current()
+    if scope is not None:
+        scope.attach(sock)
+
+
+def _peer_forbidden(address: str) -> bool:  # separate so tests can exercise the connect guard
+    return forbidden_ip(address)
+
+
+class ForbiddenPeerError(NewConnectionError):
+    """Raised at connect time, so a DNS answer that changed after the server check still cannot
+    reach a metadata service."""
+
+
+def _guard(conn: HTTPConnection, sock: socket.socket) -> socket.socket:
+    if _peer_forbidden(str(sock.getpeername()[0])):
+        sock.close()
+        raise ForbiddenPeerError(conn, "refused to connect to a link-local or metadata address")
+    return sock
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = _guard(self, super()._new_conn())
+        _attach(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self.sock)  # a pooled connection: this request belongs to the query sending it
+        super().request(*args, **kwargs)
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:  # same guard; HTTPS does not inherit the one above
+        sock = _guard(self, super()._new_conn())
+        _attach(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self.sock)
+        super().request(*args, **kwargs)
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _GuardedHTTPPool,
+            "https": _GuardedHTTPSPool,
+        }
+
+
+def new_session(pool_size: int) -> requests.Session:
+    session = requests.Session()
+    # No proxies or .netrc credentials from the environment: the target URL is client-supplied.
+    session.trust_env = False
+    # Cookies would leak state between requests made for different users of the same server.
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    # Retries would blow the deadline; one attempt, then report the failure.
+    adapter = _GuardedAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
