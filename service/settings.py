@@ -19,6 +19,11 @@ from typing import Any
 
 ENV_PREFIX = "FLARE_CDS_"
 CONFIG_ENV = "FLARE_CDS_CONFIG"
+# The folder relative storage paths are read against (else the config file's folder, else the
+# working directory at start-up); not a setting of its own, so it is not a "data" section.
+DATA_DIR_ENV = "FLARE_CDS_DATA_DIR"
+DEFAULT_DATABASE = "var/flare-cds.sqlite3"
+METRICS_ACCESS = ("off", "loopback", "token")
 
 
 class SettingsError(ValueError):
@@ -89,9 +94,22 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class StorageSettings:
-    database: str = "var/flare-cds.sqlite3"
-    # Key for the keyed hash of patient ids; when unset, one is generated beside the database.
+    # sqlite:///relative/path, sqlite:////absolute/path or postgresql://user@host:port/db.
+    # Unset: sqlite at `database` (the setting this one replaces, still accepted).
+    url: str | None = None
+    database: str = DEFAULT_DATABASE
+    # Key for the keyed hash of patient ids; when unset, one is generated and kept in the store.
     patient_hash_key: str | None = None
+    # Issued-card records the store could not take wait here, on this host, until it can.
+    spool_directory: str = "var/issued-spool"
+    pool_size: int = 4  # PostgreSQL connections per worker process
+    timeout_seconds: float = 1.0  # longest wait for a PostgreSQL connection during a call
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    access: str = "loopback"  # off (404), loopback (127.0.0.1 / ::1 only) or token
+    token: str | None = None  # the bearer token /metrics asks for when access = "token"
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,7 @@ class Settings:
     fhir: FhirSettings = field(default_factory=FhirSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     cards: CardSettings = field(default_factory=CardSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
@@ -148,13 +167,36 @@ def load_settings(
     _merge_environment(data, environ)
     settings = _build(Settings, data, "")
     _check(settings)
-    return settings
+    base = environ.get(DATA_DIR_ENV) or (Path(path).resolve().parent if path else Path.cwd())
+    return settings.replace(storage=_resolved_storage(settings.storage, Path(base)))
+
+
+def _resolved_storage(storage: StorageSettings, base: Path) -> StorageSettings:
+    """Storage with every relative path made absolute against `base`, once, at start-up: the same
+    file whatever folder a worker or a command runs in. `url` always set (sqlite:////abs/path)."""
+    if storage.url and storage.database != DEFAULT_DATABASE:
+        raise SettingsError("give storage.url or storage.database, not both")
+    url = storage.url or f"sqlite:///{storage.database}"
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("sqlite", "postgresql", "postgres"):
+        raise SettingsError(
+            f"storage.url must start with sqlite:/// or postgresql://, not {url.split(':')[0]!r}"
+        )
+    database = storage.database
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise SettingsError("storage.url: write sqlite:///relative/path or sqlite:////abs/path")
+        database = str(base / Path(rest[1:]).expanduser())
+        url = f"sqlite:///{database}"
+    spool = str(base / Path(storage.spool_directory).expanduser())
+    return dataclasses.replace(storage, url=url, database=database, spool_directory=spool)
 
 
 def _merge_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     sections = {f.name: f for f in fields(Settings)}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in (CONFIG_ENV, DATA_DIR_ENV):
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
@@ -243,6 +285,8 @@ def _check(settings: Settings) -> None:
         "fhir.max_pages": settings.fhir.max_pages,
         "fhir.pool_size": settings.fhir.pool_size,
         "http.max_body_bytes": settings.http.max_body_bytes,
+        "storage.pool_size": settings.storage.pool_size,
+        "storage.timeout_seconds": settings.storage.timeout_seconds,
     }
     for key, value in positive.items():
         if not math.isfinite(value) or value <= 0:
@@ -260,5 +304,10 @@ def _check(settings: Settings) -> None:
     for issuer in settings.auth.issuers:
         if not (issuer.jku or issuer.jwks_url or issuer.jwks_file):
             raise SettingsError(f"auth issuer {issuer.iss}: give jku, jwks_url or jwks_file")
+    metrics = settings.metrics
+    if metrics.access not in METRICS_ACCESS:
+        raise SettingsError(f"metrics.access must be one of {', '.join(METRICS_ACCESS)}")
+    if metrics.access == "token" and not metrics.token:
+        raise SettingsError("metrics.access is 'token' but metrics.token is not set")
     if settings.logging.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"logging.level {settings.logging.level!r} is not a log level")
