@@ -28,6 +28,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
 # FhirServerRefused is re-exported: it is part of this module's API (gathering catches it).
+from service import metrics
 from service.record.address_policy import (
     FhirServerPolicy,
     FhirServerRefused,
@@ -191,10 +192,10 @@ class FhirFetcher:
             base = self._checked_base(fhir_server, deadline)
         except _ResolveTimeout:
             reason = f"{self._deadline_reason()} resolving the FHIR server name"
-            return {key: FetchOutcome(key, query, error=reason) for key, query in queries.items()}
+            return _counted({key: FetchOutcome(key, q, error=reason) for key, q in queries.items()})
         if access_token and not _BEARER_TOKEN.fullmatch(access_token):
             reason = "access token cannot be sent as a bearer token"
-            return {key: FetchOutcome(key, query, error=reason) for key, query in queries.items()}
+            return _counted({key: FetchOutcome(key, q, error=reason) for key, q in queries.items()})
         futures = {
             key: self._executor.submit(self._fetch_one, base, access_token, key, query, deadline)
             for key, query in queries.items()
@@ -210,7 +211,7 @@ class FhirFetcher:
         failures = [f"{o.key}: {o.error}" for o in outcomes.values() if not o.ok]
         if failures:  # netloc only: the query holds patient ids, and credentials were refused
             log.warning("FHIR fetch from %s incomplete: %s", urlsplit(base).netloc, failures)
-        return outcomes
+        return _counted(outcomes)
 
     def _deadline_reason(self) -> str:
         return f"timed out after {self._settings.deadline_seconds:g} s"
@@ -330,6 +331,11 @@ class FhirFetcher:
         if time.monotonic() >= deadline - 0.01:
             return self._deadline_reason()
         return "timed out waiting for the FHIR server"
+
+
+def _counted(outcomes: dict[str, FetchOutcome]) -> dict[str, FetchOutcome]:
+    metrics.count_fhir_outcomes(o.error for o in outcomes.values())
+    return outcomes
 
 
 def _read_body(response: requests.Response, deadline: float, timed_out: str) -> bytes:

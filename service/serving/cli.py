@@ -1,4 +1,4 @@
-"""The `flare-cds` command: serve, evaluate a hook request file, report on feedback."""
+"""The `flare-cds` command: serve, evaluate a hook request file, report on feedback, migrate."""
 
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--since", help="only cards issued on or after this ISO date")
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
     report.set_defaults(handler=_feedback_report)
-    for command in (serve, evaluate, report):
+    migrate = commands.add_parser("migrate", help="bring the store's schema up to date")
+    migrate.set_defaults(handler=_migrate)
+    for command in (serve, evaluate, report, migrate):
         # Also accepted after the subcommand: `flare-cds serve --config site.toml`.
         command.add_argument("--config", default=argparse.SUPPRESS, help="TOML settings file")
     return parser
@@ -155,6 +157,12 @@ def _feedback_report(args: argparse.Namespace, settings: Settings) -> int:
     from service.serving.feedback_report import run_feedback_report
 
     return run_feedback_report(settings, args.since, args.format, sys.stdout)
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from service.serving.store_setup import run_migrate
+
+    return run_migrate(settings, sys.stdout)
 
 
 if __name__ == "__main__":

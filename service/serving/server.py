@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -76,7 +80,28 @@ def gunicorn_options(
     }
 
 
+# prometheus-client's multi-process mode reads this when first imported (in the workers).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _worker_exited(server: Any, worker: Any) -> None:
+    from service.metrics import worker_exited
+
+    worker_exited(worker.pid)
+
+
 def serve(host: str, port: int, workers: int, threads: int, settings: Settings) -> int:
+    from service.serving.store_setup import prepare_store
+
+    if not prepare_store(settings):
+        return 2
     options = gunicorn_options(host, port, workers, threads, settings.logging.level)
-    GunicornApp(options, load_flare_cds).run()
+    options["child_exit"] = _worker_exited
+    # Fresh for each start: counts left by an earlier run would be added to this one's.
+    metrics_dir = Path(tempfile.mkdtemp(prefix="flare-cds-metrics-"))
+    os.environ[METRICS_DIR_ENV] = str(metrics_dir)
+    try:
+        GunicornApp(options, load_flare_cds).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

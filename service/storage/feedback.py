@@ -202,6 +202,7 @@ _INSERT_FEEDBACK = """
             :code, :display, :comment, :unknown, :received_at)
     ON CONFLICT DO NOTHING"""
 
+
 def issued_rows(cards: Sequence[IssuedCard]) -> list[dict[str, Any]]:
     """Column values for `_INSERT_ISSUED`; refuses a patient id that was not hashed."""
     rows = []
@@ -292,8 +293,7 @@ class SqliteFeedbackStore(FeedbackStore):
         """Raises unless the file can be read (readiness)."""
         self._connection().execute("SELECT count(*) FROM sqlite_master").fetchone()
 
-    def record_issued(self, cards: Sequence[IssuedCard], *, timeout: float | None = None) -> None:
-        # `timeout` is the PostgreSQL store's; SQLite waits out BUSY_TIMEOUT_SECONDS at most.
+    def record_issued(self, cards: Sequence[IssuedCard]) -> None:
         rows = issued_rows(cards)
         if len(rows) == 1:
             # One statement in autocommit mode: lock, insert, commit and unlock happen in one

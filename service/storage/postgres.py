@@ -119,8 +119,8 @@ class PostgresStore:
             return self._pool
 
     @contextmanager
-    def _connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
-        with self._pool_here().connection(timeout=timeout) as connection:
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._pool_here().connection() as connection:
             if self._schema_version is None:
                 self._schema_version = (
                     postgres_schema.check_version(connection, self.where)
@@ -129,10 +129,10 @@ class PostgresStore:
                 )
             yield connection
 
-    def _writer(self, timeout: float | None = None) -> Any:
+    def _writer(self) -> Any:
         if self.read_only:
             raise FeedbackStoreError(f"{self.where} is open read-only")
-        return self._connection(timeout)
+        return self._connection()
 
     def close(self) -> None:
         with self._lock:
@@ -152,11 +152,11 @@ class PostgresStore:
 
     # -- feedback and issued cards ----------------------------------------------------------
 
-    def record_issued(self, cards: Sequence[Any], *, timeout: float | None = None) -> None:
+    def record_issued(self, cards: Sequence[Any]) -> None:
         rows = issued_rows(cards)
         if not rows:
             return
-        with self._writer(timeout) as connection, connection.cursor() as cursor:
+        with self._writer() as connection, connection.cursor() as cursor:
             cursor.executemany(pyformat(_INSERT_ISSUED), rows)
 
     def record_feedback(
