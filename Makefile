@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: run test lint bench clean venv
+.PHONY: run test lint bench clean venv postgresql
 
 venv: $(STAMP)
 
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/flare-cds serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# The tests run a throwaway PostgreSQL server of their own; this installs its programs if missing.
+postgresql:
+	.ci/install-postgresql
+
+test: $(STAMP) postgresql
 	$(BIN)/ruff check service tests bench
 	$(BIN)/python -m pytest -q
 

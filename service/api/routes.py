@@ -131,6 +131,16 @@ def feedback(service_id: str) -> Response:
             f"the feedback cannot be stored: {exc}",
             [{"location": exc.location, "problem": exc.problem}],
         ) from None
+    except Exception as exc:
+        # Nothing of the request was kept (one transaction): the client sends it again later.
+        metrics.STORE_ERRORS.labels("record_feedback").inc()
+        log.error("feedback not stored: store failed (%s)", type(exc).__name__)
+        raise ApiError(
+            503,
+            "store_unavailable",
+            "the feedback cannot be stored right now; send it again later",
+            headers={"Retry-After": "5"},
+        ) from None
     for item in body["feedback"]:
         metrics.FEEDBACK.labels(item["outcome"]).inc()
     if result.duplicates:

@@ -172,3 +172,19 @@ def test_a_warning_is_sent_while_the_store_is_down_and_its_record_spooled(tmp_pa
     text = spool.read_text()
     assert card["uuid"] in text
     assert load_fixture(SCENARIO)["context"]["patientId"] not in text  # only its keyed hash
+
+
+def test_feedback_while_the_store_is_down_is_503_to_send_again(tmp_path: Path) -> None:
+    settings = test_settings(
+        tmp_path, storage={"url": unreachable_postgres(), "timeout_seconds": 0.3}
+    )
+    client = create_app(settings).test_client()
+    item = {
+        "card": "6f5d7a7e-6a3b-4a8f-9a55-8f4b1f2a9c11",
+        "outcome": "overridden",
+        "outcomeTimestamp": "2025-03-01T09:00:00Z",
+    }
+    response = client.post(HOOK + "/feedback", json={"feedback": [item]})
+    assert response.status_code == 503
+    assert response.get_json()["error"] == "store_unavailable"
+    assert response.headers["Retry-After"] == "5"

@@ -256,6 +256,8 @@ def test_metrics_sum_every_worker_and_carry_no_patient_id(
     stored = metric_samples(text, "flare_cds_issued_card_records_total")
     assert stored[(("result", "stored"),)] == 50
     assert patient_id not in text and "no-such-service" not in text
+    # Where the store is, said once at start-up, without a password.
+    assert "store: postgresql://flare@127.0.0.1" in server.log()
 
 
 def test_readyz_follows_postgresql_while_cards_keep_coming(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +12,18 @@ import psycopg
 
 from service.storage.feedback import SCHEMA_VERSION
 
+REPO = Path(__file__).resolve().parents[2]
 
-def migrate(config: Path) -> subprocess.CompletedProcess[str]:
+
+def migrate(config: Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service.serving.cli", "migrate", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
 
 
@@ -38,12 +43,17 @@ def test_migrate_creates_the_postgresql_schema_once(tmp_path: Path, postgres_url
     assert {"issued_cards", "feedback", "seen_jti", "store_secrets"} <= {t for (t,) in tables}
 
 
-def test_migrate_creates_the_sqlite_file_beside_the_config(tmp_path: Path) -> None:
-    config = tmp_path / "flare-cds.toml"
+def test_the_sqlite_file_is_beside_the_config_from_whatever_folder(tmp_path: Path) -> None:
+    """The same configuration started from two folders uses one file (and so one replay cache
+    and one feedback store), not one per working directory."""
+    config = tmp_path / "site" / "flare-cds.toml"
+    config.parent.mkdir()
     config.write_text('[storage]\nurl = "sqlite:///data/cds.sqlite3"\n')
-    result = migrate(config)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "data" / "cds.sqlite3").exists()
+    for cwd in (tmp_path, tmp_path / "site"):
+        result = migrate(config, cwd)
+        assert result.returncode == 0, result.stderr
+        assert f"sqlite:///{tmp_path / 'site' / 'data' / 'cds.sqlite3'}:" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
 
 
 def test_migrate_fails_clearly_without_a_server_and_shows_no_password(tmp_path: Path) -> None:
