@@ -210,7 +210,7 @@ def _count_call(app: Flask, response: Response, elapsed: float) -> None:
 
     rule = request.url_rule
     route = "unmatched" if rule is None else str(rule.endpoint).rpartition(".")[2]
-    route = _ROUTE_LABELS.get(route, route)
+    route = "preflight" if request.method == "OPTIONS" else _ROUTE_LABELS.get(route, route)
     service = (request.view_args or {}).get("service_id", "")
     if service not in app.extensions["flare_cds"].definitions:
         service = ""  # an unknown id is client text: it must not become a label

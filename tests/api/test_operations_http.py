@@ -3,19 +3,37 @@ service does when the store cannot be reached: refuse unverifiable tokens, never
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import create_app
+from service import create_app as _create_app
 from service.settings import IssuerSettings
 from tests.api.test_security_http import BASE, HOOK, ISS, auth_header, auth_settings, client_jwt
 from tests.auth.test_tokens import EC_A, write_jwks
 from tests.conftest import FIXTURE_NOW, free_port, load_fixture, test_settings
 
 SCENARIO = "order-sign/wm-igm-4500-rituximab"
+_APPS: list[Any] = []
+
+
+def create_app(*args: Any, **kwargs: Any) -> Any:
+    app = _create_app(*args, **kwargs)
+    _APPS.append(app)
+    return app
+
+
+@pytest.fixture(autouse=True)
+def _close_stores() -> Iterator[None]:
+    # A pool for an unreachable server retries in the background until it is closed.
+    yield
+    while _APPS:
+        store = _APPS.pop().extensions["flare_cds"]._store
+        if store is not None:
+            store.close()
 
 
 def counter(client: Any, name: str, **labels: str) -> float:
