@@ -167,8 +167,20 @@ def load_settings(
     _merge_environment(data, environ)
     settings = _build(Settings, data, "")
     _check(settings)
-    base = environ.get(DATA_DIR_ENV) or (Path(path).resolve().parent if path else Path.cwd())
-    return settings.replace(storage=_resolved_storage(settings.storage, Path(base)))
+    base = storage_base(path, environ)
+    return settings.replace(storage=_resolved_storage(settings.storage, base))
+
+
+def storage_base(
+    config_path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+) -> Path:
+    """What relative storage paths are read against: FLARE_CDS_DATA_DIR, else the config file's
+    folder, else the working directory (all at start-up)."""
+    environ = os.environ if environ is None else environ
+    path = config_path or environ.get(CONFIG_ENV)
+    if environ.get(DATA_DIR_ENV):
+        return Path(environ[DATA_DIR_ENV]).absolute()
+    return Path(path).resolve().parent if path else Path.cwd()
 
 
 def _resolved_storage(storage: StorageSettings, base: Path) -> StorageSettings:

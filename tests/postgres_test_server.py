@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -46,9 +47,10 @@ class PostgresServer:
         self.log_path = self.root / "server.log"
         self._as: dict[str, Any] = {}
         if os.geteuid() == 0:
-            self._as = {"user": "nobody", "group": "nogroup", "extra_groups": []}
+            nobody = pwd.getpwnam("nobody")
+            self._as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
             os.chmod(self.root, 0o755)
-            shutil.chown(self.root, "nobody", "nogroup")
+            os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
 
     @property
     def admin_url(self) -> str:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from service.serving.server import DEFAULT_THREADS, DEFAULT_WORKERS
-from service.settings import CONFIG_ENV, Settings, SettingsError, load_settings
+from service.settings import (
+    CONFIG_ENV,
+    DATA_DIR_ENV,
+    Settings,
+    SettingsError,
+    load_settings,
+    storage_base,
+)
 
 HOOK_SERVICES = {
     "order-select": "rituximab-flare-order-select",
@@ -74,6 +81,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.workers < 1 or args.threads < 1 or not 0 < args.port < 65536:
         print("flare-cds: --workers and --threads must be >= 1 and --port 1-65535", file=sys.stderr)
         return 2
+    # Workers load settings themselves: the base this process resolved paths against is handed
+    # to them as it is, so every worker uses the very same files.
+    os.environ.setdefault(DATA_DIR_ENV, str(storage_base(None)))
     return serve(args.host, args.port, args.workers, args.threads, settings)
 
 

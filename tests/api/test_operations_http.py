@@ -206,3 +206,27 @@ def test_feedback_while_the_store_is_down_is_503_to_send_again(tmp_path: Path) -
     assert response.status_code == 503
     assert response.get_json()["error"] == "store_unavailable"
     assert response.headers["Retry-After"] == "5"
+
+
+def test_fhir_fallback_queries_are_counted_by_outcome(tmp_path: Path) -> None:
+    from tests.record.test_fallback_http import RELAXED_FHIR, fetching, loaded_fhir_server
+
+    client = create_app(
+        test_settings(tmp_path, fhir=RELAXED_FHIR), clock=lambda: FIXTURE_NOW
+    ).test_client()
+    name = "flare_cds_fhir_queries_total"
+    body = load_fixture(SCENARIO)
+    fhir = loaded_fhir_server()
+    try:
+        ok_before = counter(client, name, outcome="ok")
+        fetched = client.post(HOOK, json=fetching(body, fhir.base_url, drop=("igm",)))
+        assert fetched.status_code == 200 and fetched.get_json()["cards"]
+        assert counter(client, name, outcome="ok") == ok_before + 1
+    finally:
+        fhir.stop()
+    # The same call once the FHIR server is gone: one query, failed, and the call says so.
+    error_before = counter(client, name, outcome="error") + counter(client, name, outcome="timeout")
+    failed = client.post(HOOK, json=fetching(body, fhir.base_url, drop=("igm",)))
+    assert failed.status_code == 412
+    after = counter(client, name, outcome="error") + counter(client, name, outcome="timeout")
+    assert after == error_before + 1
