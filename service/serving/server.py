@@ -84,6 +84,27 @@ def gunicorn_options(
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+METRICS_DIR_PREFIX = "flare-cds-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Folders of servers that were killed (SIGKILL skips their clean-up): their pid is gone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = folder.name[len(METRICS_DIR_PREFIX) :].partition("-")[0]
+        if pid.isdigit() and folder.stat().st_uid == os.getuid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _worker_exited(server: Any, worker: Any) -> None:
     from service.metrics import worker_exited
 
@@ -98,7 +119,8 @@ def serve(host: str, port: int, workers: int, threads: int, settings: Settings) 
     options = gunicorn_options(host, port, workers, threads, settings.logging.level)
     options["child_exit"] = _worker_exited
     # Fresh for each start: counts left by an earlier run would be added to this one's.
-    metrics_dir = Path(tempfile.mkdtemp(prefix="flare-cds-metrics-"))
+    _remove_stale_metrics_dirs()
+    metrics_dir = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
     os.environ[METRICS_DIR_ENV] = str(metrics_dir)
     try:
         GunicornApp(options, load_flare_cds).run()
