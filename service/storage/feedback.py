@@ -91,10 +91,14 @@ class FeedbackStore(Protocol):
 
     def report(self, since: datetime | None = None) -> list[ReportRow]: ...
 
+    def schema_version(self) -> int: ...
+
+    def ping(self) -> None: ...
+
     def close(self) -> None: ...
 
 
-def open_store(settings: StorageSettings, *, read_only: bool = False) -> Any:
+def open_store(settings: StorageSettings, *, read_only: bool = False) -> FeedbackStore:
     """The store `storage.url` names: SqliteFeedbackStore or PostgresStore (same interface)."""
     location = storage_location(settings)
     if location.backend == POSTGRESQL:
