@@ -13,7 +13,7 @@ from typing import TextIO
 
 from service.settings import Settings
 from service.storage.errors import FeedbackStoreError
-from service.storage.location import SQLITE, storage_location
+from service.storage.location import storage_location
 
 log = logging.getLogger("flare_cds.server")
 
@@ -25,11 +25,10 @@ def prepare_store(settings: Settings) -> bool:
 
     configure_logging(settings.logging.level)
     location = storage_location(settings.storage)
+    # Worker processes share these, whatever folder they run in: relative paths were resolved
+    # once, against the base `serve` hands down to them.
     log.info("store: %s", location.describe())
-    if location.backend == SQLITE:
-        # Worker processes share this file, the replay cache and key beside it, whatever folder
-        # they run in: the path was resolved once, here, and is inherited as it is.
-        log.info("issued-card spool: %s", settings.storage.spool_directory)
+    log.info("issued-card spool: %s", settings.storage.spool_directory)
     try:
         version = migrate_store(settings)
     except FeedbackStoreError as exc:
