@@ -9,7 +9,7 @@ PORT   ?= 8080
 # The browser test drives the distribution's Chromium (Playwright never downloads a browser).
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test lint bench clean venv browser
+.PHONY: run test lint bench clean venv browser postgresql
 
 venv: $(STAMP)
 
@@ -33,7 +33,11 @@ browser:
 	  fi; \
 	fi
 
-test: $(STAMP) browser
+# The tests run a throwaway PostgreSQL server of their own; this installs its programs if missing.
+postgresql:
+	.ci/install-postgresql
+
+test: $(STAMP) browser postgresql
 	$(BIN)/ruff check service tests bench
 	$(BIN)/python -m pytest -q
 

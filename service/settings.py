@@ -7,8 +7,6 @@ refused at start-up, because a typo in a threshold must never silently fall back
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import math
 import os
 import tomllib
 import types
@@ -17,10 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 ENV_PREFIX = "FLARE_CDS_"
 CONFIG_ENV = "FLARE_CDS_CONFIG"
+# The folder relative storage paths are read against (else the config file's folder, else the
+# working directory at start-up); not a setting of its own, so it is not a "data" section.
+DATA_DIR_ENV = "FLARE_CDS_DATA_DIR"
+DEFAULT_DATABASE = "var/flare-cds.sqlite3"
+METRICS_ACCESS = ("off", "loopback", "token")
 
 
 class SettingsError(ValueError):
@@ -111,9 +113,22 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class StorageSettings:
-    database: str = "var/flare-cds.sqlite3"
-    # Key for the keyed hash of patient ids; when unset, one is generated beside the database.
+    # sqlite:///relative/path, sqlite:////absolute/path or postgresql://user@host:port/db.
+    # Unset: sqlite at `database` (the setting this one replaces, still accepted).
+    url: str | None = None
+    database: str = DEFAULT_DATABASE
+    # Key for the keyed hash of patient ids; when unset, one is generated and kept in the store.
     patient_hash_key: str | None = None
+    # Issued-card records the store could not take wait here, on this host, until it can.
+    spool_directory: str = "var/issued-spool"
+    pool_size: int = 4  # PostgreSQL connections per worker process
+    timeout_seconds: float = 1.0  # longest wait for a PostgreSQL connection during a call
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    access: str = "loopback"  # off (404), loopback (127.0.0.1 / ::1 only) or token
+    token: str | None = None  # the bearer token /metrics asks for when access = "token"
 
 
 @dataclass(frozen=True)
@@ -153,6 +168,7 @@ class Settings:
     fhir: FhirSettings = field(default_factory=FhirSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     cards: CardSettings = field(default_factory=CardSettings)
     app: AppSettings = field(default_factory=AppSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -186,14 +202,51 @@ def load_settings(
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
     _merge_environment(data, environ)
     settings = _build(Settings, data, "")
-    _check(settings)
-    return settings
+    from service.settings_checks import check  # it needs the classes above
+
+    check(settings)
+    base = storage_base(path, environ)
+    return settings.replace(storage=_resolved_storage(settings.storage, base))
+
+
+def storage_base(
+    config_path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+) -> Path:
+    """What relative storage paths are read against: FLARE_CDS_DATA_DIR, else the config file's
+    folder, else the working directory (all at start-up)."""
+    environ = os.environ if environ is None else environ
+    path = config_path or environ.get(CONFIG_ENV)
+    if environ.get(DATA_DIR_ENV):
+        return Path(environ[DATA_DIR_ENV]).absolute()
+    return Path(path).resolve().parent if path else Path.cwd()
+
+
+def _resolved_storage(storage: StorageSettings, base: Path) -> StorageSettings:
+    """Storage with every relative path made absolute against `base`, once, at start-up: the same
+    file whatever folder a worker or a command runs in. `url` always set (sqlite:////abs/path)."""
+    if storage.url and storage.database != DEFAULT_DATABASE:
+        raise SettingsError("give storage.url or storage.database, not both")
+    url = storage.url or f"sqlite:///{storage.database}"
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("sqlite", "postgresql", "postgres"):
+        raise SettingsError(
+            f"storage.url must start with sqlite:/// or postgresql://, not {url.split(':')[0]!r}"
+        )
+    database = storage.database
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise SettingsError("storage.url: write sqlite:///relative/path or sqlite:////abs/path")
+        database = str(base / Path(rest[1:]).expanduser())
+        url = f"sqlite:///{database}"
+    spool = str(base / Path(storage.spool_directory).expanduser())
+    return dataclasses.replace(storage, url=url, database=database, spool_directory=spool)
 
 
 def _merge_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     sections = {f.name: f for f in fields(Settings)}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in (CONFIG_ENV, DATA_DIR_ENV):
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
@@ -262,95 +315,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     raise SettingsError(f"{key}: unsupported setting type {hint!r}")
 
 
-def _check(settings: Settings) -> None:
-    rules = settings.rules
-    positive = {
-        "rules.igm_high_mg_dl": rules.igm_high_mg_dl,
-        "rules.igm_very_high_mg_dl": rules.igm_very_high_mg_dl,
-        "rules.viscosity_critical_cp": rules.viscosity_critical_cp,
-        "rules.igm_lookback_days": rules.igm_lookback_days,
-        "rules.viscosity_lookback_days": rules.viscosity_lookback_days,
-        "rules.flare_rise_percent": rules.flare_rise_percent,
-        "rules.flare_window_days": rules.flare_window_days,
-        "rules.course_gap_days": rules.course_gap_days,
-        "rules.baseline_max_age_days": rules.baseline_max_age_days,
-        "rules.btk_hold_window_days": rules.btk_hold_window_days,
-        "rules.btk_rebound_rise_percent": rules.btk_rebound_rise_percent,
-        "rules.progression_rise_percent": rules.progression_rise_percent,
-        "fhir.connect_timeout_seconds": settings.fhir.connect_timeout_seconds,
-        "fhir.read_timeout_seconds": settings.fhir.read_timeout_seconds,
-        "fhir.deadline_seconds": settings.fhir.deadline_seconds,
-        "fhir.max_pages": settings.fhir.max_pages,
-        "fhir.pool_size": settings.fhir.pool_size,
-        "http.max_body_bytes": settings.http.max_body_bytes,
-        "app.launch_seconds": settings.app.launch_seconds,
-        "app.session_seconds": settings.app.session_seconds,
-        "app.http_timeout_seconds": settings.app.http_timeout_seconds,
-        "http.header_timeout_seconds": settings.http.header_timeout_seconds,
-        "http.body_timeout_seconds": settings.http.body_timeout_seconds,
-        "http.max_connections": settings.http.max_connections,
-        "auth.max_token_lifetime_seconds": settings.auth.max_token_lifetime_seconds,
-    }
-    for key, value in positive.items():
-        if not math.isfinite(value) or value <= 0:
-            raise SettingsError(f"{key} must be greater than zero, not {value}")
-    if rules.igm_very_high_mg_dl < rules.igm_high_mg_dl:
-        raise SettingsError("rules.igm_very_high_mg_dl must not be below rules.igm_high_mg_dl")
-    terminology = settings.terminology
-    for f in fields(terminology):
-        if f.name.endswith("_names"):
-            for name in getattr(terminology, f.name):
-                if not name.strip():
-                    raise SettingsError(f"terminology.{f.name}: names must not be empty")
-            continue
-        for code in getattr(terminology, f.name):
-            system, sep, value = code.partition("|")
-            if not sep or not value or not system:
-                raise SettingsError(f"terminology.{f.name}: {code!r} is not 'system|code'")
-    if settings.auth.required and not settings.auth.issuers:
-        raise SettingsError("auth.required is true but no [[auth.issuers]] are configured")
-    for issuer in settings.auth.issuers:
-        if not (issuer.jku or issuer.jwks_url or issuer.jwks_file):
-            raise SettingsError(f"auth issuer {issuer.iss}: give jku, jwks_url or jwks_file")
-        for url in (*issuer.jku, *([issuer.jwks_url] if issuer.jwks_url else [])):
-            if not _secure_key_url(url) and url not in plain_http_key_urls(settings.auth):
-                raise SettingsError(
-                    f"auth issuer {issuer.iss}: key set URL {url!r} must be https "
-                    "(plain http only to a loopback address)"
-                )
-    if not settings.app.client_id:
-        raise SettingsError("app.client_id must not be empty")
-    for server in settings.app.open_fhir_servers:
-        if not server.lower().startswith(("http://", "https://")):
-            raise SettingsError(f"app.open_fhir_servers: {server!r} is not an http(s) URL")
-    for source in settings.app.frame_ancestors:
-        if not source or any(ch.isspace() or ch in ';,"' for ch in source):
-            raise SettingsError(f"app.frame_ancestors: {source!r} is not one CSP source")
-    if settings.logging.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise SettingsError(f"logging.level {settings.logging.level!r} is not a log level")
-
-
-def _secure_key_url(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme.lower() == "https" and bool(parts.hostname)
-
-
 def plain_http_key_urls(auth: AuthSettings) -> list[str]:
-    """Configured http:// key set URLs to a loopback address: allowed for local set-ups, and
-    warned about at start-up (anyone on the path could swap the keys)."""
-    found = []
-    for issuer in auth.issuers:
-        for url in (*issuer.jku, *([issuer.jwks_url] if issuer.jwks_url else [])):
-            parts = urlsplit(url)
-            if parts.scheme.lower() == "http" and _is_loopback(parts.hostname or ""):
-                found.append(url)
-    return found
+    """Key-set URLs on plain http (allowed only to loopback; start-up warns about each)."""
+    from service.settings_checks import plain_http_key_urls as urls
 
-
-def _is_loopback(host: str) -> bool:
-    if host.rstrip(".").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return urls(auth)

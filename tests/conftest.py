@@ -51,7 +51,12 @@ def assert_conforms(instance: Any, schema: str) -> None:
 
 
 def test_settings(tmp_path: Path, **sections: Any) -> Settings:
-    settings = Settings().replace(storage={"database": str(tmp_path / "flare-cds.sqlite3")})
+    settings = Settings().replace(
+        storage={
+            "database": str(tmp_path / "flare-cds.sqlite3"),
+            "spool_directory": str(tmp_path / "issued-spool"),
+        }
+    )
     return settings.replace(**sections) if sections else settings
 
 
@@ -270,3 +275,23 @@ def serve_process(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     for server in started:
         if server.process is not None and server.process.poll() is None:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One throwaway PostgreSQL server for the whole run (started on first use)."""
+    from tests.postgres_test_server import PostgresServer
+
+    server = PostgresServer().init().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any) -> str:
+    """The URL of a new, empty database on the test server."""
+    if not postgres_server.running():  # a test that stopped it failed before restarting it
+        postgres_server.start()
+    return postgres_server.create_database()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,66 @@ jwks_url = "http://localhost:8125/jwks.json"
         "http://[::1]:8124/jwks.json",
         "http://localhost:8125/jwks.json",
     ]
+
+
+# -- storage location (resolved once, at start-up) -----------------------------------------
+
+
+def test_relative_storage_paths_are_read_against_the_config_folder(tmp_path: Path) -> None:
+    path = write(tmp_path, '[storage]\nurl = "sqlite:///data/cds.sqlite3"\n')
+    storage = load_settings(path, environ={}).storage
+    assert storage.database == str(tmp_path / "data" / "cds.sqlite3")
+    assert storage.url == f"sqlite:///{tmp_path / 'data' / 'cds.sqlite3'}"
+    assert storage.spool_directory == str(tmp_path / "var" / "issued-spool")
+
+
+def test_the_legacy_database_setting_still_works_and_resolves_the_same_way(tmp_path: Path) -> None:
+    path = write(tmp_path, '[storage]\ndatabase = "old/flare.sqlite3"\n')
+    storage = load_settings(path, environ={}).storage
+    assert storage.database == str(tmp_path / "old" / "flare.sqlite3")
+    assert storage.url == f"sqlite:///{storage.database}"
+
+
+def test_a_data_dir_wins_over_the_config_folder(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    data = tmp_path / "elsewhere"
+    storage = load_settings(path, environ={"FLARE_CDS_DATA_DIR": str(data)}).storage
+    assert storage.database == str(data / "var" / "flare-cds.sqlite3")
+
+
+def test_without_a_config_file_the_start_folder_is_the_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(environ={}).storage.database == str(tmp_path / "var/flare-cds.sqlite3")
+
+
+def test_absolute_sqlite_and_postgresql_urls_are_kept(tmp_path: Path) -> None:
+    absolute = load_settings(environ={"FLARE_CDS_STORAGE_URL": f"sqlite:///{tmp_path}/x.db"})
+    assert absolute.storage.database == f"{tmp_path}/x.db"
+    url = "postgresql://flare@db.example.org:5432/flare"
+    assert load_settings(environ={"FLARE_CDS_STORAGE_URL": url}).storage.url == url
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('url = "mysql://x/y"', "must start with sqlite:/// or postgresql://"),
+        ('url = "sqlite://relative.db"', "sqlite:///relative/path"),
+        ('url = "sqlite:///a.db"\ndatabase = "b.db"', "not both"),
+        ("pool_size = 0", "storage.pool_size must be greater than zero"),
+    ],
+)
+def test_unusable_storage_settings_are_refused(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(problem)):
+        load_settings(write(tmp_path, f"[storage]\n{text}\n"), environ={})
+
+
+def test_metrics_access_is_checked(tmp_path: Path) -> None:
+    assert load_settings(environ={}).metrics.access == "loopback"
+    with pytest.raises(SettingsError, match=re.escape("metrics.access must be one of")):
+        load_settings(environ={"FLARE_CDS_METRICS_ACCESS": "public"})
+    with pytest.raises(SettingsError, match=re.escape("metrics.token is not set")):
+        load_settings(environ={"FLARE_CDS_METRICS_ACCESS": "token"})
+    env = {"FLARE_CDS_METRICS_ACCESS": "token", "FLARE_CDS_METRICS_TOKEN": "t0ken"}
+    assert load_settings(environ=env).metrics.token == "t0ken"

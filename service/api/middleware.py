@@ -21,8 +21,9 @@ from service.api.errors import ApiError
 
 log = logging.getLogger("flare_cds.http")
 
-# Routes anyone may read: liveness and the public contract.
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.yaml"})
+# Routes no client JWT is asked for: liveness, readiness, metrics (access.py guards those) and
+# the public contract.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.yaml"})
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Accept, X-Request-Id"
 CORS_ALLOW_METHODS = "GET, POST, OPTIONS"
 # Bodies the routes parse as JSON (routes.JSON_TYPES); others are answered 415 without reading.
@@ -188,7 +189,9 @@ def install(app: Flask) -> None:
         headers.setdefault("Referrer-Policy", "no-referrer")
         headers.setdefault("X-Frame-Options", "DENY")
         headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
-        elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        elapsed_ms = elapsed * 1000
+        _count_call(app, response, elapsed)
         # Method, path, status and timing only: no body, no query string, no headers.
         log.info(
             "request",
@@ -202,6 +205,30 @@ def install(app: Flask) -> None:
             },
         )
         return response
+
+
+# Endpoint names as route labels; the hook endpoint is "hook".
+_ROUTE_LABELS = {"call_service": "hook"}
+
+
+def _count_call(app: Flask, response: Response, elapsed: float) -> None:
+    """Metrics for one call, labelled by route and service id only (never a request value)."""
+    from service import metrics
+
+    rule = request.url_rule
+    route = "unmatched" if rule is None else str(rule.endpoint).rpartition(".")[2]
+    route = "preflight" if request.method == "OPTIONS" else _ROUTE_LABELS.get(route, route)
+    service = (request.view_args or {}).get("service_id", "")
+    if service not in app.extensions["flare_cds"].definitions:
+        service = ""  # an unknown id is client text: it must not become a label
+    status = str(response.status_code)
+    metrics.CALLS.labels(route, service, status).inc()
+    metrics.LATENCY.labels(route, service).observe(elapsed)
+    if response.status_code >= 400:
+        body = response.get_json(silent=True) if response.is_json else None
+        error = body.get("error") if isinstance(body, dict) else None
+        error = error if isinstance(error, str) else "other"
+        metrics.ERRORS.labels(route, service, status, metrics.reason_label(error)).inc()
 
 
 def _cors(response: Response, origins: tuple[str, ...]) -> None:
@@ -254,12 +281,29 @@ def _authenticate(app: Flask) -> None:
     runtime = app.extensions["flare_cds"]
     if not runtime.settings.auth.required:
         return
-    from service.auth.tokens import AuthError, audience_for, www_authenticate
+    from service import metrics
+    from service.auth.tokens import (
+        AuthError,
+        TokenCheckUnavailable,
+        audience_for,
+        www_authenticate,
+    )
 
     audience = audience_for(request.url, request.path, runtime.settings.auth.public_base_url)
     try:
         g.client_claims = runtime.verifier().verify(request.headers.get("Authorization"), audience)
+    except TokenCheckUnavailable as exc:
+        # Fail closed: a token whose jti cannot be checked might be a replay.
+        metrics.TOKEN_REJECTIONS.labels(exc.reason).inc()
+        g.log_fields = {"auth": exc.reason}
+        raise ApiError(
+            503,
+            "store_unavailable",
+            "the token cannot be checked against replays right now; try again shortly",
+            headers={"Retry-After": "5"},
+        ) from None
     except AuthError as exc:
+        metrics.TOKEN_REJECTIONS.labels(metrics.reason_label(exc.reason)).inc()
         g.log_fields = {"auth": exc.reason}
         raise ApiError(
             401,

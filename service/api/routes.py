@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from service import metrics
 from service.api import json_codec
+from service.api.access import check_metrics_access
 from service.api.errors import ApiError
 from service.api.hooks import run_hook
 from service.api.runtime import Runtime
@@ -65,6 +68,8 @@ def call_service(service_id: str) -> Response:
     body = read_json_body()
     result = run_hook(rt, definition, body)
     g.log_fields = {"service": service_id, "cards": [c.finding for c in result.cards]}
+    for c in result.cards:
+        metrics.CARDS.labels(c.finding, c.indicator).inc()
     if result.cards:
         _record_issued(rt, service_id, definition.hook, result)
     from service.app.links import timeline_target
@@ -75,14 +80,14 @@ def call_service(service_id: str) -> Response:
 
 
 def _record_issued(rt: Runtime, service_id: str, hook: str, result: Any) -> None:
-    """Remember what was sent so feedback can be joined to it; never fail the clinical answer."""
+    """Remember what was sent so feedback can be joined to it; never fail the clinical answer:
+    the recorder spools what the store cannot take now (service.storage.issued_spool)."""
     try:
         from service.storage.feedback import IssuedCard, patient_hash
 
-        store = rt.store()
         hashed_patient = patient_hash(rt.patient_hash_key(), result.patient_id)
         issued_at = datetime.now(UTC)
-        store.record_issued(
+        rt.issued_recorder().record(
             [
                 IssuedCard(
                     uuid=c.card["uuid"],
@@ -98,8 +103,11 @@ def _record_issued(rt: Runtime, service_id: str, hook: str, result: Any) -> None
                 for c in result.cards
             ]
         )
-    except Exception:
-        log.exception("could not record issued cards; the cards were still sent")
+    except Exception as exc:
+        # The type only: without the patient-hash key (store never reached) nothing can be kept.
+        metrics.count_issued("lost", len(result.cards))
+        log.error("%d issued-card records lost (%s); the cards were still sent",
+                  len(result.cards), type(exc).__name__)  # fmt: skip
 
 
 @bp.post("/cds-services/<service_id>/feedback")
@@ -127,6 +135,20 @@ def feedback(service_id: str) -> Response:
             f"the feedback cannot be stored: {exc}",
             [{"location": exc.location, "problem": exc.problem}],
         ) from None
+    except Exception as exc:
+        # Nothing of the request was kept (one transaction): the client sends it again later.
+        metrics.STORE_ERRORS.labels("record_feedback").inc()
+        log.error("feedback not stored: store failed (%s)", type(exc).__name__)
+        raise ApiError(
+            503,
+            "store_unavailable",
+            "the feedback cannot be stored right now; send it again later",
+            headers={"Retry-After": "5"},
+        ) from None
+    for item in body["feedback"]:
+        metrics.FEEDBACK.labels(item["outcome"]).inc()
+    if result.duplicates:
+        metrics.FEEDBACK.labels("duplicate").inc(result.duplicates)
     answer: dict[str, Any] = {"received": result.received, "duplicates": result.duplicates}
     if result.unknown_cards:
         answer["unknownCards"] = list(result.unknown_cards)
@@ -137,6 +159,36 @@ def feedback(service_id: str) -> Response:
 @bp.get("/healthz")
 def healthz() -> Response:
     return jsonify({"status": "ok", "version": runtime().contract.version})
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Ready for calls: the card catalog is loaded and the store answers. A load balancer sends
+    no calls to an instance that says 503; cards are still answered while the store is down."""
+    rt = runtime()
+    reasons = []
+    if not rt.catalog:
+        reasons.append("card catalog not loaded")
+    try:
+        rt.store().ping()
+    except Exception as exc:
+        metrics.STORE_ERRORS.labels("ping").inc()
+        log.warning("readiness: store unreachable (%s)", type(exc).__name__)
+        reasons.append("store unreachable")
+    with contextlib.suppress(Exception):
+        rt.issued_recorder().adopt_leftovers()  # a restarted instance drains what it spooled
+    if reasons:
+        response = jsonify({"status": "unavailable", "reasons": reasons})
+        response.status_code = 503
+        response.headers["Retry-After"] = "5"
+        return response
+    return jsonify({"status": "ready"})
+
+
+@bp.get("/metrics")
+def metrics_endpoint() -> Response:
+    check_metrics_access(runtime().settings.metrics)
+    return Response(metrics.exposition(), mimetype=None, content_type=metrics.CONTENT_TYPE)
 
 
 @bp.get("/openapi.yaml")

@@ -48,11 +48,13 @@ class Runtime:
         self.definitions: dict[str, ServiceDefinition] = build_definitions(self.terminology)
         self.catalog = load_catalog(settings.cards.directory)
         self.builder = CardBuilder(self.catalog, settings.cards, settings.rules)
-        self._lock = threading.Lock()
+        # Re-entrant: building one client may need another (the verifier needs the store).
+        self._lock = threading.RLock()
         self._fetcher = fetcher
         self._store = store
         self._verifier = verifier
         self._hash_key: bytes | None = None
+        self._recorder: Any = None
 
     def _once(self, name: str, build: Callable[[], Any]) -> Any:
         """The attribute `name`, built on first use in this process (under the lock)."""
@@ -77,21 +79,43 @@ class Runtime:
 
         return self._once("_store", build)
 
+    def _on_postgresql(self) -> bool:
+        from service.storage.location import POSTGRESQL, storage_location
+
+        return storage_location(self.settings.storage).backend == POSTGRESQL
+
     def patient_hash_key(self) -> bytes:
-        """The key for hashing patient ids in the feedback store, read once per process."""
+        """The key for hashing patient ids in the feedback store, read once per process: the
+        configured one, else the one kept in PostgreSQL or in the file beside the SQLite one."""
 
         def build() -> bytes:
             from service.storage.feedback import load_or_create_hash_key
 
+            if not self.settings.storage.patient_hash_key and self._on_postgresql():
+                return bytes(self.store().patient_hash_key())
             return load_or_create_hash_key(self.settings.storage)
 
         return self._once("_hash_key", build)
+
+    def issued_recorder(self) -> Any:
+        def build() -> Any:
+            from pathlib import Path
+
+            from service.metrics import count_issued
+            from service.storage.issued_spool import IssuedCardRecorder
+
+            spool = Path(self.settings.storage.spool_directory).absolute()
+            return IssuedCardRecorder(self.store, spool, count_issued)
+
+        return self._once("_recorder", build)
 
     def verifier(self) -> Any:
         def build() -> Any:
             from service.auth.tokens import TokenVerifier
             from service.storage.replay_cache import SqliteReplayCache
 
+            if self._on_postgresql():  # one table for every instance: a nonce is used once
+                return TokenVerifier(self.settings.auth, self.store())
             cache_path = _beside(self.settings.storage.database, "replay-cache.sqlite3")
             return TokenVerifier(self.settings.auth, off_loop(SqliteReplayCache(cache_path)))
 

@@ -48,6 +48,7 @@ __all__ = [
     "REALM",
     "REQUIRED_CLAIMS",
     "AuthError",
+    "TokenCheckUnavailable",
     "TokenVerifier",
     "audience_for",
     "www_authenticate",
@@ -69,6 +70,12 @@ class AuthError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class TokenCheckUnavailable(Exception):
+    """The token could not be checked against replays (the store is down): refuse it (503)."""
+
+    reason = "replay check unavailable"
 
 
 def www_authenticate(reason: str) -> str:
@@ -120,7 +127,14 @@ class TokenVerifier:
             claims = self._check_signature(token, header, issuer)
             self._check_claims(claims, audience_url)
             exp = float(claims["exp"]) + self._settings.leeway_seconds
-            if not self._replay.remember(f"{issuer.iss}|{claims['jti']}", exp):
+            try:
+                fresh = self._replay.remember(f"{issuer.iss}|{claims['jti']}", exp)
+            except Exception as exc:
+                log.warning(
+                    "client token refused: replay cache unavailable (%s)", type(exc).__name__
+                )
+                raise TokenCheckUnavailable() from None
+            if not fresh:
                 raise AuthError("token replayed")
         except AuthError as exc:
             # repr and truncation: the unverified iss is attacker text and must not forge log lines.

@@ -30,6 +30,7 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 # FhirServerRefused is re-exported: it is part of this module's API (gathering catches it).
+from service import metrics
 from service.record.address_policy import (
     FhirServerPolicy,
     FhirServerRefused,
@@ -143,10 +144,10 @@ class FhirFetcher:
             base = self._checked_base(fhir_server, deadline)
         except _ResolveTimeout:
             reason = f"{self._deadline_reason()} resolving the FHIR server name"
-            return {key: FetchOutcome(key, query, error=reason) for key, query in queries.items()}
+            return _counted({key: FetchOutcome(key, q, error=reason) for key, q in queries.items()})
         if access_token and not _BEARER_TOKEN.fullmatch(access_token):
             reason = "access token cannot be sent as a bearer token"
-            return {key: FetchOutcome(key, query, error=reason) for key, query in queries.items()}
+            return _counted({key: FetchOutcome(key, q, error=reason) for key, q in queries.items()})
         pool = self._pool_for(origin_of(base))
         scopes = {key: QueryScope() for key in queries}
         futures = {
@@ -165,7 +166,7 @@ class FhirFetcher:
         failures = [f"{o.key}: {o.error}" for o in outcomes.values() if not o.ok]
         if failures:  # netloc only: the query holds patient ids, and credentials were refused
             log.warning("FHIR fetch from %s incomplete: %s", urlsplit(base).netloc, failures)
-        return outcomes
+        return _counted(outcomes)
 
     def _pool_for(self, origin: Origin) -> ThreadPoolExecutor:
         with self._pools_lock:
@@ -314,6 +315,11 @@ class FhirFetcher:
         if time.monotonic() >= deadline - 0.01:
             return self._deadline_reason()
         return "timed out waiting for the FHIR server"
+
+
+def _counted(outcomes: dict[str, FetchOutcome]) -> dict[str, FetchOutcome]:
+    metrics.count_fhir_outcomes(o.error for o in outcomes.values())
+    return outcomes
 
 
 def _read_body(response: requests.Response, deadline: float, timed_out: str) -> bytes:

@@ -1,4 +1,4 @@
-"""The `flare-cds` command: serve, evaluate a hook request file, report on feedback."""
+"""The `flare-cds` command: serve, evaluate a hook request file, report on feedback, migrate."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from service.serving.server import DEFAULT_THREADS, DEFAULT_WORKERS
-from service.settings import CONFIG_ENV, Settings, SettingsError, load_settings
+from service.settings import (
+    CONFIG_ENV,
+    DATA_DIR_ENV,
+    Settings,
+    SettingsError,
+    load_settings,
+    storage_base,
+)
 
 HOOK_SERVICES = {
     "order-select": "rituximab-flare-order-select",
@@ -65,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--since", help="only cards issued on or after this ISO date")
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
     report.set_defaults(handler=_feedback_report)
-    for command in (serve, evaluate, report):
+    migrate = commands.add_parser("migrate", help="bring the store's schema up to date")
+    migrate.set_defaults(handler=_migrate)
+    for command in (serve, evaluate, report, migrate):
         # Also accepted after the subcommand: `flare-cds serve --config site.toml`.
         command.add_argument("--config", default=argparse.SUPPRESS, help="TOML settings file")
     return parser
@@ -77,6 +86,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.workers < 1 or args.threads < 1 or not 0 < args.port < 65536:
         print("flare-cds: --workers and --threads must be >= 1 and --port 1-65535", file=sys.stderr)
         return 2
+    # Workers load settings themselves: the base this process resolved paths against is handed
+    # to them as it is, so every worker uses the very same files.
+    os.environ.setdefault(DATA_DIR_ENV, str(storage_base(None)))
     return serve(args.host, args.port, args.workers, args.threads, settings)
 
 
@@ -160,6 +172,12 @@ def _feedback_report(args: argparse.Namespace, settings: Settings) -> int:
     from service.serving.feedback_report import run_feedback_report
 
     return run_feedback_report(settings, args.since, args.format, sys.stdout)
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from service.serving.store_setup import run_migrate
+
+    return run_migrate(settings, sys.stdout)
 
 
 if __name__ == "__main__":

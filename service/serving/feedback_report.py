@@ -14,11 +14,14 @@ import sqlite3
 import sys
 from contextlib import closing
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TextIO
+
+import psycopg
+from psycopg_pool import PoolTimeout
 
 from service.settings import Settings
 from service.storage.feedback import FeedbackStoreError, open_store, parse_timestamp
+from service.storage.location import SQLITE, storage_location
 from service.storage.report_queries import ReportRow
 
 FORMATS = ("table", "csv", "json")
@@ -82,15 +85,16 @@ def run_feedback_report(
     except ValueError as exc:
         print(f"feedback-report: {exc}", file=err)
         return 2
-    database = Path(settings.storage.database)
+    location = storage_location(settings.storage)
     rows: list[ReportRow] = []
     # A report must never create the database (or its directory) where the service has none yet.
-    if database.exists():
+    if location.backend != SQLITE or (location.path and location.path.exists()):
         try:
             with closing(open_store(settings.storage, read_only=True)) as store:
                 rows = store.report(since_at)
-        except (sqlite3.DatabaseError, FeedbackStoreError) as exc:
-            print(f"feedback-report: cannot read {database}: {exc}", file=err)
+        except (sqlite3.DatabaseError, FeedbackStoreError, psycopg.Error, PoolTimeout) as exc:
+            where = location.path if location.backend == SQLITE else location.describe()
+            print(f"feedback-report: cannot read {where}: {exc}", file=err)
             return 1
     out.write(render_report(rows, fmt))
     return 0

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -102,8 +106,51 @@ def configure_limits(settings: Settings) -> None:
     )
 
 
+# prometheus-client's multi-process mode reads this when first imported (in the workers).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+METRICS_DIR_PREFIX = "flare-cds-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Folders of servers that were killed (SIGKILL skips their clean-up): their pid is gone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = folder.name[len(METRICS_DIR_PREFIX) :].partition("-")[0]
+        if pid.isdigit() and folder.stat().st_uid == os.getuid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _worker_exited(server: Any, worker: Any) -> None:
+    from service.metrics import worker_exited
+
+    worker_exited(worker.pid)
+
+
 def serve(host: str, port: int, workers: int, threads: int, settings: Settings) -> int:
+    from service.serving.store_setup import prepare_store
+
+    if not prepare_store(settings):
+        return 2
     configure_limits(settings)
     options = gunicorn_options(host, port, workers, threads, settings.logging.level)
-    GunicornApp(options, load_flare_cds).run()
+    options["child_exit"] = _worker_exited
+    # Fresh for each start: counts left by an earlier run would be added to this one's.
+    _remove_stale_metrics_dirs()
+    metrics_dir = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
+    os.environ[METRICS_DIR_ENV] = str(metrics_dir)
+    try:
+        GunicornApp(options, load_flare_cds).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

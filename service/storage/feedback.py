@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from service.settings import StorageSettings
 from service.storage.errors import FeedbackStoreError, InvalidFeedback
+from service.storage.location import POSTGRESQL, storage_location
 from service.storage.patient_hash import (
     HASH_PATTERN,
     KEY_BYTES,
@@ -90,11 +91,32 @@ class FeedbackStore(Protocol):
 
     def report(self, since: datetime | None = None) -> list[ReportRow]: ...
 
+    def schema_version(self) -> int: ...
+
+    def ping(self) -> None: ...
+
     def close(self) -> None: ...
 
 
-def open_store(settings: StorageSettings, *, read_only: bool = False) -> SqliteFeedbackStore:
-    return SqliteFeedbackStore(settings.database, read_only=read_only)
+def open_store(settings: StorageSettings, *, read_only: bool = False) -> FeedbackStore:
+    """The store `storage.url` names: SqliteFeedbackStore or PostgresStore (same interface)."""
+    location = storage_location(settings)
+    if location.backend == POSTGRESQL:
+        from service.storage.postgres import PostgresStore
+
+        return PostgresStore(
+            location.conninfo or "",
+            where=location.describe(),
+            read_only=read_only,
+            pool_size=settings.pool_size,
+            timeout_seconds=settings.timeout_seconds,
+        )
+    return SqliteFeedbackStore(location.path or settings.database, read_only=read_only)
+
+
+def since_text(since: datetime | None) -> str:
+    """A report's lower bound as the stored UTC text; "" (before every instant) for all time."""
+    return "" if since is None else _utc_text(since)
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -184,6 +206,52 @@ _INSERT_FEEDBACK = """
             :code, :display, :comment, :unknown, :received_at)
     ON CONFLICT DO NOTHING"""
 
+
+def issued_rows(cards: Sequence[IssuedCard]) -> list[dict[str, Any]]:
+    """Column values for `_INSERT_ISSUED`; refuses a patient id that was not hashed."""
+    rows = []
+    for card in cards:
+        if not HASH_PATTERN.fullmatch(card.patient_hash):
+            raise ValueError("IssuedCard.patient_hash must come from patient_hash()")
+        rows.append({**asdict(card), "issued_at": _utc_text(card.issued_at)})
+    return rows
+
+
+def normalised_feedback(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every item's column values, or InvalidFeedback before anything is written."""
+    return [_normalise(item, index) for index, item in enumerate(items)]
+
+
+def write_feedback(
+    execute: Any, service_id: str, rows: Sequence[Mapping[str, Any]], received_at: datetime
+) -> FeedbackResult:
+    """Store normalised rows inside the caller's transaction; `execute(sql, params)` runs one
+    statement written for SQLite (the PostgreSQL store translates the placeholders)."""
+    received_text = _utc_text(received_at)
+    received = 0
+    unknown: dict[str, None] = {}  # an ordered set of card uuids
+    for row in rows:
+        # A card issued under another service id is unknown to the service posted to.
+        known = execute(
+            "SELECT 1 FROM issued_cards WHERE uuid = ? AND service_id = ?",
+            (row["card"], service_id),
+        ).fetchone()
+        if known is None:
+            unknown[row["card"]] = None
+        params = {
+            **row,
+            "service_id": service_id,
+            "received_at": received_text,
+            "unknown": int(known is None),
+        }
+        received += execute(_INSERT_FEEDBACK, params).rowcount
+    # Counts and ids only: userComment is clinician free text and must never reach the logs.
+    log.info("feedback for %s: %d new, %d repeated", service_id, received, len(rows) - received)
+    if unknown:
+        log.warning("feedback for %s on cards it never issued: %s", service_id, list(unknown))
+    return FeedbackResult(received, len(rows) - received, tuple(unknown))
+
+
 # Connections must not cross fork() (gunicorn may fork after the app opened its store).
 _STORES: weakref.WeakSet[SqliteFeedbackStore] = weakref.WeakSet()
 
@@ -225,12 +293,12 @@ class SqliteFeedbackStore(FeedbackStore):
         self._connection()
         return self._schema_version or 0
 
+    def ping(self) -> None:
+        """Raises unless the file can be read (readiness)."""
+        self._connection().execute("SELECT count(*) FROM sqlite_master").fetchone()
+
     def record_issued(self, cards: Sequence[IssuedCard]) -> None:
-        rows = []
-        for card in cards:
-            if not HASH_PATTERN.fullmatch(card.patient_hash):
-                raise ValueError("IssuedCard.patient_hash must come from patient_hash()")
-            rows.append({**asdict(card), "issued_at": _utc_text(card.issued_at)})
+        rows = issued_rows(cards)
         if len(rows) == 1:
             # One statement in autocommit mode: lock, insert, commit and unlock happen in one
             # SQLite call made without the GIL, so the write lock is never held by a thread that
@@ -243,38 +311,19 @@ class SqliteFeedbackStore(FeedbackStore):
     def record_feedback(
         self, service_id: str, items: Sequence[Mapping[str, Any]], received_at: datetime
     ) -> FeedbackResult:
-        received_text = _utc_text(received_at)
-        rows = [_normalise(item, index) for index, item in enumerate(items)]  # all, before writing
-        received = 0
-        unknown: dict[str, None] = {}  # an ordered set of card uuids
+        rows = normalised_feedback(items)
         with _transaction(self._writer(), write=True) as connection:
-            for row in rows:
-                # A card issued under another service id is unknown to the service posted to.
-                known = connection.execute(
-                    "SELECT 1 FROM issued_cards WHERE uuid = ? AND service_id = ?",
-                    (row["card"], service_id),
-                ).fetchone()
-                if known is None:
-                    unknown[row["card"]] = None
-                params = {
-                    **row,
-                    "service_id": service_id,
-                    "received_at": received_text,
-                    "unknown": int(known is None),
-                }
-                received += connection.execute(_INSERT_FEEDBACK, params).rowcount
-        # Counts and ids only: userComment is clinician free text and must never reach the logs.
-        log.info("feedback for %s: %d new, %d repeated", service_id, received, len(rows) - received)
-        if unknown:
-            log.warning("feedback for %s on cards it never issued: %s", service_id, list(unknown))
-        return FeedbackResult(received, len(rows) - received, tuple(unknown))
+            return write_feedback(connection.execute, service_id, rows, received_at)
 
     def report(self, since: datetime | None = None) -> list[ReportRow]:
-        since_text = "" if since is None else _utc_text(since)  # "" sorts before every instant
+        lower = since_text(since)
         connection = self._connection()
         if not self._schema_version:
             return []  # an empty file opened read-only: nothing was ever recorded
-        return read_report(connection, since_text)
+        with _transaction(connection, write=False):  # one snapshot for all the report's queries
+            return read_report(
+                lambda sql, params: connection.execute(sql, params).fetchall(), lower
+            )
 
     def _writer(self) -> sqlite3.Connection:
         if self.read_only:

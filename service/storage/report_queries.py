@@ -6,13 +6,13 @@ Reads only; `service.serving.feedback_report` renders the rows it returns.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.storage.schema import transaction
+# Runs one query ("?" placeholders) and returns its rows; the caller holds one snapshot for all.
+Fetch = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
 TOP_REASONS = 3
 UNKNOWN_CARD = "unknown-card"
@@ -58,13 +58,12 @@ _UNKNOWN_CARDS = f"""
 _ACCEPTED = "SELECT service_id, card_uuid, accepted_suggestions FROM feedback WHERE outcome = ?"
 
 
-def read_report(connection: sqlite3.Connection, since_text: str) -> list[ReportRow]:
+def read_report(fetch: Fetch, since_text: str) -> list[ReportRow]:
     """The report over cards issued and feedback received at or after `since_text` (UTC text as
-    the store writes it; "" for all time)."""
-    with transaction(connection, write=False):  # one snapshot for all three queries
-        cards = connection.execute(_KNOWN_CARDS, (since_text,)).fetchall()
-        cards += connection.execute(_UNKNOWN_CARDS, (since_text,)).fetchall()
-        accepted = connection.execute(_ACCEPTED, ("accepted",)).fetchall()
+    the store writes it; "" for all time). The same SQL runs on SQLite and PostgreSQL."""
+    cards = fetch(_KNOWN_CARDS, (since_text,))
+    cards += fetch(_UNKNOWN_CARDS, (since_text,))
+    accepted = fetch(_ACCEPTED, ("accepted",))
     suggestions: dict[tuple[str, str], set[str]] = {}
     for service_id, card, ids in accepted:
         suggestions.setdefault((service_id, card), set()).update(json.loads(ids))
