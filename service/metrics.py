@@ -51,6 +51,11 @@ CARDS = Counter(
 FHIR_QUERIES = Counter(
     "flare_cds_fhir_queries", "FHIR fallback queries (prefetch missing), by outcome", ["outcome"]
 )
+FHIR_DEVIATIONS = Counter(
+    "flare_cds_fhir_deviations",
+    "Departures from the FHIR model tolerated in draft orders, by service and element",
+    ["service", "element"],
+)
 TOKEN_REJECTIONS = Counter(
     "flare_cds_token_rejections", "Client JWTs refused, by reason", ["reason"]
 )

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service import metrics
 from service.api.errors import ApiError
 from service.api.runtime import Runtime
 from service.cards.builder import RenderedCard
@@ -21,7 +22,7 @@ from service.clinical.fhir_values import UnreadableData
 from service.clinical.followup import assess_followup
 from service.clinical.history import drafted_exchanges
 from service.clinical.order_risk import assess_orders
-from service.clinical.orders import DrugOrder, find_drug_orders
+from service.clinical.orders import Deviation, DrugOrder, find_drug_orders
 from service.record.definitions import ORDER_SELECT, PATIENT_VIEW, ServiceDefinition
 from service.record.gathering import DataUnavailable, gather_record
 
@@ -31,6 +32,18 @@ REQUEST_SCHEMAS = {
     "patient-view": "PatientViewRequest",
 }
 log = logging.getLogger(__name__)
+# Elements of MedicationRequest (R4, STU3, R5) and DSTU2 MedicationOrder, for metric labels.
+KNOWN_ELEMENTS = frozenset(
+    """id meta implicitRules language text contained extension modifierExtension identifier
+    instantiatesCanonical instantiatesUri basedOn groupIdentifier status statusReason
+    statusChanged intent category priority doNotPerform reported reportedBoolean
+    reportedReference medication medicationCodeableConcept medicationReference subject patient
+    encounter context supportingInformation authoredOn dateWritten requester performer
+    performerType recorder reasonCode reasonReference reason reasonCodeableConcept
+    courseOfTherapyType insurance note renderedDosageInstruction effectiveDosePeriod
+    dosageInstruction dispenseRequest substitution priorPrescription detectedIssue eventHistory
+    definition prescriber dateEnded reasonEnded""".split()
+)
 
 # FHIR id syntax; also catches the common "Patient/123" double prefix in patientId.
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -112,10 +125,20 @@ def run_hook(
     return HookResult(cards, patient_id, str(body.get("hookInstance", "")))
 
 
+def deviation_element(deviation: Deviation) -> str:
+    """The top-level element of a deviation when it is one FHIR defines for the order, else
+    "other": a label must never carry a name the client made up."""
+    path = deviation.location.partition(".resource.")[2]
+    element = re.split(r"[.\[]", path, maxsplit=1)[0]
+    return element if element in KNOWN_ELEMENTS else "other"
+
+
 def log_deviations(service_id: str, orders: Sequence[DrugOrder]) -> None:
-    """One log line per tolerated FHIR deviation: where and what, never the value or patient."""
+    """One log line per tolerated FHIR deviation: where and what, never the value or patient;
+    and a count by element, so an integrator can see which fields a client sends out of shape."""
     for order in orders:
         for deviation in order.deviations:
+            metrics.FHIR_DEVIATIONS.labels(service_id, deviation_element(deviation)).inc()
             log.warning(
                 "tolerated a FHIR deviation in a draft order",
                 extra={

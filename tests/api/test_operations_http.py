@@ -230,3 +230,27 @@ def test_fhir_fallback_queries_are_counted_by_outcome(tmp_path: Path) -> None:
     assert failed.status_code == 412
     after = counter(client, name, outcome="error") + counter(client, name, outcome="timeout")
     assert after == error_before + 1
+
+
+def test_tolerated_fhir_deviations_are_counted_by_element_never_by_client_names(
+    client: Any,
+) -> None:
+    import copy
+
+    labels = {"service": "rituximab-flare-order-sign"}
+    before = {
+        e: counter(client, "flare_cds_fhir_deviations_total", element=e, **labels)
+        for e in ("category", "reasonCode", "other")
+    }
+    body = copy.deepcopy(load_fixture("order-sign/sandbox-r4-rituximab"))
+    body["context"]["draftOrders"]["entry"][0]["resource"]["madeUpPatientName"] = "Jane"
+    assert client.post(HOOK.replace("order-select", "order-sign"), json=body).status_code == 200
+    after = {
+        e: counter(client, "flare_cds_fhir_deviations_total", element=e, **labels) for e in before
+    }
+    assert {e: after[e] - before[e] for e in before} == {
+        "category": 1,
+        "reasonCode": 1,
+        "other": 1,
+    }
+    assert "madeUpPatientName" not in client.get("/metrics").get_data(as_text=True)
