@@ -20,6 +20,9 @@ from service.app.reading import FHIR_ID, read_timeline
 from service.app.sealed_state import SealedState
 from service.clinical.fhir_values import UnreadableData
 from service.record.gathering import DataUnavailable
+from service.settings import StorageSettings
+from service.storage.app_state import AppStateStore
+from service.storage.location import POSTGRESQL, storage_location
 
 log = logging.getLogger("flare_cds.app")
 bp = Blueprint(
@@ -41,12 +44,21 @@ class AppServices:
         self._state: SealedState | None = None
 
     def state(self) -> SealedState:
-        if self._state is None:  # the database file is opened in the worker that uses it
-            from service.storage.app_state import SqliteAppStateStore
-
-            path = _beside(self.runtime.settings.storage.database, "app-state.sqlite3")
-            self._state = SealedState(SqliteAppStateStore(path))
+        if self._state is None:  # opened in the worker that uses it
+            self._state = SealedState(_state_store(self.runtime.settings.storage))
         return self._state
+
+
+def _state_store(storage: StorageSettings) -> AppStateStore:
+    """Launches and sessions where every worker, and on PostgreSQL every instance, sees them."""
+    location = storage_location(storage)
+    if location.backend == POSTGRESQL:
+        from service.storage.postgres_app_state import PostgresAppStateStore
+
+        return PostgresAppStateStore(location.conninfo or "")
+    from service.storage.app_state import SqliteAppStateStore
+
+    return SqliteAppStateStore(_beside(storage.database, "app-state.sqlite3"))
 
 
 def install(flask_app: Flask) -> None:

@@ -268,3 +268,32 @@ def test_received_and_issued_times_compare_as_instants(store: Any) -> None:
     since = datetime(2025, 3, 1, 10, 30, tzinfo=UTC) - timedelta(hours=1, minutes=1)
     assert [row.cards_issued for row in store.report(since)] == [1]
     assert store.report(datetime(2025, 3, 1, 9, 31, tzinfo=UTC)) == []
+
+
+def _app_state(backend: Backend, clock: Any) -> Any:
+    from service.app.views import _state_store
+    from service.storage.app_state import SqliteAppStateStore
+
+    store = _state_store(backend.settings)
+    if isinstance(store, SqliteAppStateStore):
+        return SqliteAppStateStore(
+            Path(backend.settings.database).with_name("app.sqlite3"), clock=clock
+        )
+    store._clock = clock
+    return store
+
+
+def test_timeline_state_is_shared_taken_once_and_expires(backend: Backend) -> None:
+    now = [1_000_000.0]
+    first, second = _app_state(backend, lambda: now[0]), _app_state(backend, lambda: now[0])
+    first.put("launch-1", b"\x00sealed", now[0] + 60)
+    assert second.get("launch-1") == b"\x00sealed"  # another worker or instance sees it
+    first.put("launch-1", b"newer", now[0] + 60)
+    assert second.take("launch-1") == b"newer"
+    assert first.take("launch-1") is None  # a launch state is used once
+    first.put("session", b"s", now[0] + 10)
+    now[0] += 11
+    assert second.get("session") is None and second.take("session") is None
+    first.put("gone", b"g", now[0] + 10)
+    second.delete("gone")
+    assert first.get("gone") is None
