@@ -17,21 +17,17 @@ import requests
 
 from tests.conftest import LiveServer, assert_conforms, load_fixture, post_hook
 from tests.fhir_test_server import FhirTestServer
-from tests.record.test_fallback_faults_http import MARGIN, ORDER, assert_412, warm_app
+from tests.record.test_fallback_faults_http import (
+    MARGIN,
+    ORDER,
+    ORDER_KEYS,
+    assert_412,
+    warm_app,
+)
 from tests.record.test_fallback_http import fetching, loaded_fhir_server
 
 DEADLINE = 0.45
 ORDER_SERVICE = "rituximab-flare-order-sign"
-
-# Every key an order hook fetches when prefetch is absent (the patient is not needed).
-ORDER_KEYS = (
-    "conditions",
-    "igm",
-    "viscosity",
-    "medicationRequests",
-    "medicationAdministrations",
-    "procedures",
-)
 
 
 @pytest.fixture
