@@ -1,0 +1,168 @@
+"""Where one hook call's CPU goes, stage by stage, measured in-process on the real code.
+
+    python -m bench.stages [--calls 300] [--workloads order-sign-high,...]
+
+Each stage is a function the request path already calls (the middleware's pre-scan, the JSON
+parser, the contract check, ...). They are wrapped, for the length of the run only, by a timer
+that adds the calling thread's CPU time to the stage's total; the code under test is otherwise
+untouched. Calls go through Flask's test client, one at a time on one thread and without gevent,
+so the issued-card write is timed on the thread that asks for it. "framework" is what is left:
+routing, middleware, logging, metrics, the response.
+
+The figures are CPU per call, which stays comparable on a busy machine where wall time does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.workloads import Workload, build_workloads
+
+# (stage, module, attribute): the attribute is looked up through the module at call time, so
+# replacing it there times every call the request path makes.
+STAGE_FUNCTIONS: tuple[tuple[str, str, str], ...] = (
+    ("parse", "service.api.middleware", "_check_json_body"),
+    ("parse", "service.api.routes", "read_json_body"),
+    ("contract", "service.api.hooks", "check_request"),
+    ("orders", "service.api.hooks", "find_drug_orders"),
+    ("gather", "service.api.hooks", "gather_record"),
+    ("assess", "service.api.hooks", "drafted_exchanges"),
+    ("assess", "service.api.hooks", "assess_orders"),
+    ("assess", "service.api.hooks", "assess_followup"),
+    ("render", "service.api.hooks", "render_order_card"),
+    ("render", "service.api.hooks", "render_followup_card"),
+    ("render", "service.cards.links", "with_timeline_link"),
+    ("render", "service.api.routes", "jsonify"),
+    ("record", "service.api.routes", "_record_issued"),
+)
+STAGES = ("parse", "contract", "orders", "gather", "assess", "render", "record", "framework")
+
+
+class StageClock:
+    """Thread CPU nanoseconds per stage; a stage called from inside another is not counted
+    twice (the outer one holds the time)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = dict.fromkeys(STAGES, 0)
+        self._depth = 0
+
+    def wrap(self, stage: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:
+                return function(*args, **kwargs)
+            self._depth += 1
+            started = time.thread_time_ns()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.totals[stage] += time.thread_time_ns() - started
+                self._depth -= 1
+
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        saved = []
+        try:
+            for stage, module_name, attribute in STAGE_FUNCTIONS:
+                module = importlib.import_module(module_name)
+                original = getattr(module, attribute)
+                saved.append((module, attribute, original))
+                setattr(module, attribute, self.wrap(stage, original))
+            yield
+        finally:
+            for module, attribute, original in reversed(saved):
+                setattr(module, attribute, original)
+
+
+def _client(workdir: Path) -> Any:
+    from service import create_app
+    from service.settings import load_settings
+
+    config = workdir / "flare-cds.toml"
+    config.write_text(
+        f'[storage]\ndatabase = "{workdir / "stages.sqlite3"}"\n\n[http]\n'
+        "max_body_bytes = 16777216\n",
+        "utf-8",
+    )
+    settings = load_settings(config, environ={})
+    return create_app(settings).test_client()
+
+
+def measure(client: Any, workload: Workload, calls: int) -> dict[str, Any]:
+    """CPU per call by stage (ms), over `calls` calls after a warm-up of a tenth as many."""
+    body = workload.body_bytes()
+    headers = {"Content-Type": "application/json"}
+    for _ in range(max(3, calls // 10)):
+        client.post(workload.path, data=body, headers=headers)
+    clock = StageClock()
+    with clock.installed():
+        started = time.thread_time_ns()
+        for _ in range(calls):
+            response = client.post(workload.path, data=body, headers=headers)
+            if response.status_code != 200:
+                raise RuntimeError(f"{workload.name}: HTTP {response.status_code}")
+        total = time.thread_time_ns() - started
+    clock.totals["framework"] = total - sum(clock.totals.values())
+    per_call = {stage: round(ns / calls / 1e6, 3) for stage, ns in clock.totals.items()}
+    return {
+        "name": workload.name,
+        "calls": calls,
+        "total_ms": round(total / calls / 1e6, 3),
+        "stages_ms": per_call,
+    }
+
+
+def run_stages(workloads: Sequence[Workload], calls: int) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="flare-cds-stages-") as folder:
+        client = _client(Path(folder))
+        return [measure(client, w, calls) for w in workloads if not w.uses_fhir_server]
+
+
+def stages_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## CPU per call by stage (in-process, one thread)",
+        "",
+        "| Workload | " + " | ".join(STAGES) + " | total ms |",
+        "|---|" + "---:|" * (len(STAGES) + 1),
+    ]
+    for row in rows:
+        cells = [f"{row['stages_ms'][s]:.2f}" for s in STAGES]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {row['total_ms']:.2f} |")
+    lines += [
+        "",
+        "Each stage is the thread CPU of the functions the request path calls for it "
+        "(bench/stages.py); framework is the rest: routing, middleware, logging, metrics.",
+    ]
+    return lines
+
+
+def format_rows(rows: Sequence[dict[str, Any]]) -> str:
+    header = f"{'workload':<24}" + "".join(f"{s:>10}" for s in STAGES) + f"{'total':>10}"
+    lines = [header]
+    for row in rows:
+        cells = "".join(f"{row['stages_ms'][s]:>10.3f}" for s in STAGES)
+        lines.append(f"{row['name']:<24}{cells}{row['total_ms']:>10.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--workloads", help="comma-separated subset")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.workloads.split(",")] if args.workloads else None
+    workloads = build_workloads("http://127.0.0.1:9/fhir", names)
+    print(format_rows(run_stages(workloads, args.calls)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
