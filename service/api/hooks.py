@@ -57,7 +57,7 @@ class HookResult:
 
 
 def check_request(runtime: Runtime, definition: ServiceDefinition, body: Any) -> None:
-    if not isinstance(body, Mapping):
+    if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
     hook = body.get("hook")
     if isinstance(hook, str) and hook != definition.hook:

@@ -111,7 +111,13 @@ def _bracket_shape(raw: bytes) -> bytes:
     # one, the pairing may have taken an opening quote there, but leaves a backslash to tell.
     traced = _QUOTE_OR_BACKSLASH_ESCAPE.sub(b"\\\\", raw) if b"\\" in raw else raw
     # Every quote left opens or closes a string, so the pieces between quotes alternate out/in.
-    pieces = traced.translate(_OBJECTS_AS_ARRAYS, _NOT_SHAPE).split(b'"')
+    kept = traced.translate(_OBJECTS_AS_ARRAYS, _NOT_SHAPE)
+    if kept.count(b'"') % 2 == 0:
+        # Every string is closed. Two quotes with nothing between them (a string with no
+        # brackets in it, or the gap between two strings) can go first: that keeps the
+        # alternation and every bracket's side, and leaves a few pieces instead of one per string.
+        kept = kept.replace(b'""', b"")
+    pieces = kept.split(b'"')
     unclosed = pieces.pop() if len(pieces) % 2 == 0 else b""  # an odd number of quotes
     outside = b"".join(pieces[::2])
     if b"\\" in outside:

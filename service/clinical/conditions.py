@@ -29,7 +29,7 @@ def _status_code(value: Any) -> str | None:
     # R4 uses a CodeableConcept; STU3 sends a bare code string.
     if isinstance(value, str):
         return value
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         for coding in objects(value.get("coding")):
             if isinstance(coding.get("code"), str):
                 return coding["code"]
@@ -61,7 +61,7 @@ def recorded_time(condition: Mapping[str, Any]) -> datetime | None:
 
 def concept_fact(concept: Any, wanted: ConditionSet, condition_id: str) -> ConditionFact | None:
     """A fact for a CodeableConcept (a Condition's code, an order's reasonCode) in `wanted`."""
-    if not isinstance(concept, Mapping):
+    if not isinstance(concept, dict):
         return None
     for coding in objects(concept.get("coding")):
         pair = next(iter(codings_of({"coding": [coding]})), None)

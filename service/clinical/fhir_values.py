@@ -1,7 +1,9 @@
 """Safe reads of FHIR JSON a client sent: a wrong type anywhere means "absent", never a crash.
 
 Prefetch resources are not schema-validated (that would cost more than the whole assessment),
-so every reader goes through these.
+so every reader goes through these. JSON objects are tested as `dict` (what every JSON parser
+here makes), not as the `Mapping` ABC: the ABC's check runs in Python, and these run tens of
+thousands of times per call.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class UnreadableData(ValueError):
 def field(value: Any, *path: str) -> Any:
     """value[path[0]][path[1]]...; None as soon as a step is not an object or lacks the key."""
     for key in path:
-        if not isinstance(value, Mapping):
+        if not isinstance(value, dict):
             return None
         value = value.get(key)
     return value
@@ -43,4 +45,4 @@ def objects(value: Any) -> list[Mapping[str, Any]]:
     """The objects in a JSON array (anything else in it, or a non-array, is skipped)."""
     if not isinstance(value, list):
         return []
-    return [item for item in value if isinstance(item, Mapping)]
+    return [item for item in value if isinstance(item, dict)]

@@ -268,7 +268,7 @@ def drafted_exchanges(draft_orders: Mapping[str, Any], terminology: Terminology)
     found = []
     for entry in objects(draft_orders.get("entry")):
         resource = entry.get("resource")
-        if not isinstance(resource, Mapping):
+        if not isinstance(resource, dict):
             continue
         if resource.get("resourceType") not in ("ServiceRequest", "Procedure"):
             continue

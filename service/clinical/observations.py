@@ -12,7 +12,9 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 from service.clinical.fhir_values import field, objects
@@ -80,7 +82,7 @@ def effective_time(resource: Mapping[str, Any]) -> datetime | None:
         when = parse_fhir_datetime(resource.get("effectiveInstant"))
     if when is None:
         period = resource.get("effectivePeriod")
-        if isinstance(period, Mapping):
+        if isinstance(period, dict):
             when = parse_fhir_datetime(period.get("end")) or parse_fhir_datetime(
                 period.get("start")
             )
@@ -101,8 +103,16 @@ class Reading:
     status: str
     # IgM in mg/dL; for viscosity, the value as reported (cP or relative).
     normalised: float
-    # The laboratory's upper reference limit, in the same scale as `normalised`, if given.
-    reference_high: float | None = None
+    # The result's `referenceRange` and kind ("igm", "viscosity"): few rules need the upper
+    # limit, so it is read from them only when asked for (reference_high).
+    reference_ranges: Any = dataclass_field(default=None, compare=False, repr=False)
+    kind: str = dataclass_field(default="igm", compare=False, repr=False)
+
+    @cached_property
+    def reference_high(self) -> float | None:
+        """The laboratory's upper reference limit, in the same scale as `normalised`, if given."""
+        known = _IGM_FACTORS_LOWER if self.kind == "igm" else VISCOSITY_UNITS
+        return _reference_high(self.reference_ranges, self.kind, known)
 
     @property
     def reported(self) -> str:
@@ -140,7 +150,7 @@ class _NotANumber(Exception):
 
 def _quantity(resource: Mapping[str, Any]) -> tuple[float, str, str, str] | None:
     quantity = resource.get("valueQuantity")
-    if not isinstance(quantity, Mapping):
+    if not isinstance(quantity, dict):
         return None
     value = quantity.get("value")
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -237,7 +247,8 @@ def classify(
                 comparator,
                 resource["status"],
                 normalised,
-                _reference_high(resource, kind, known),
+                resource.get("referenceRange"),
+                kind,
             )
         )
     # Results at the same instant: the higher-risk one sorts last, so it is the one used as
@@ -252,12 +263,10 @@ def _risk(reading: Reading) -> float:
     return -math.inf if reading.comparator in ("<", "<=") else reading.normalised
 
 
-def _reference_high(
-    resource: Mapping[str, Any], kind: str, known: Mapping[str, Any]
-) -> float | None:
+def _reference_high(ranges: Any, kind: str, known: Mapping[str, Any]) -> float | None:
     """The first reference range's upper limit, on the scale the rules compare (mg/dL for IgM)."""
-    for ranges in objects(resource.get("referenceRange")):
-        high = ranges.get("high")
+    for reference_range in objects(ranges):
+        high = reference_range.get("high")
         value = field(high, "value")
         if (
             isinstance(value, bool)
@@ -287,7 +296,7 @@ def _describe_value(resource: Mapping[str, Any]) -> str:
     for key in ("valueString", "valueCodeableConcept", "valueInteger"):
         if key in resource:
             value = resource[key]
-            if isinstance(value, Mapping):
+            if isinstance(value, dict):
                 value = value.get("text") or "coded value"
             return str(value)[:40]
     return "no value"

@@ -83,7 +83,7 @@ def _contained_type_problem(resource: Mapping[str, Any], version: str) -> str:
     contained = resource.get("contained")
     if isinstance(contained, Sequence) and not isinstance(contained, str):
         for index, item in enumerate(contained):
-            if not isinstance(item, Mapping) or "resourceType" not in item:
+            if not isinstance(item, dict) or "resourceType" not in item:
                 continue
             kind = item["resourceType"]
             if not isinstance(kind, str):

@@ -46,7 +46,7 @@ def _version_of(resource: Mapping[str, Any]) -> str:
     requester = resource.get("requester")
     stu3_only = ("context", "definition", "eventHistory")
     if any(key in resource for key in stu3_only) or (
-        isinstance(requester, Mapping) and "agent" in requester
+        isinstance(requester, dict) and "agent" in requester
     ):
         return "STU3"
     return "R4"
@@ -67,7 +67,7 @@ def _check_medication_fields(resource: Mapping[str, Any], version: str, location
     order screen opens): it names no anti-CD20 antibody, so it simply gets no card.
     """
     for name in _MEDICATION_FIELDS[version]:
-        if name in resource and not isinstance(resource[name], Mapping):
+        if name in resource and not isinstance(resource[name], dict):
             raise DraftOrderError(location, f"{name} must be an object")
 
 
@@ -84,14 +84,14 @@ def _medication_concepts(
     concepts: list[Mapping[str, Any]] = []
     if version == "R5":
         concept = field(resource, "medication", "concept")
-        if isinstance(concept, Mapping):
+        if isinstance(concept, dict):
             concepts.append(concept)
         reference = field(resource, "medication", "reference")
     else:
         if isinstance(resource.get("medicationCodeableConcept"), Mapping):
             concepts.append(resource["medicationCodeableConcept"])
         reference = resource.get("medicationReference")
-    if isinstance(reference, Mapping):
+    if isinstance(reference, dict):
         target = _resolve_medication(reference.get("reference"), resource, medications)
         if target is not None and isinstance(target.get("code"), Mapping):
             concepts.append(target["code"])
@@ -111,7 +111,7 @@ def _ingredient_concepts(medication: Mapping[str, Any]) -> list[Mapping[str, Any
             ingredient.get("itemCodeableConcept"),
             field(ingredient, "item", "concept"),
         ):
-            if isinstance(concept, Mapping):
+            if isinstance(concept, dict):
                 concepts.append(concept)
         for reference in (ingredient.get("itemReference"), field(ingredient, "item", "reference")):
             if isinstance(field(reference, "display"), str):
@@ -150,8 +150,8 @@ def find_drug_orders(
     entries = draft_orders.get("entry") or []
     medications: dict[str, Mapping[str, Any]] = {}
     for entry in entries:
-        resource = entry.get("resource") if isinstance(entry, Mapping) else None
-        if isinstance(resource, Mapping) and resource.get("resourceType") == "Medication":
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "Medication":
             if resource.get("id"):
                 medications[f"Medication/{resource['id']}"] = resource
             if isinstance(entry.get("fullUrl"), str):
@@ -162,8 +162,8 @@ def find_drug_orders(
     found: list[DrugOrder] = []
     for index, entry in enumerate(entries):
         location = f"context.draftOrders.entry[{index}]"
-        resource = entry.get("resource") if isinstance(entry, Mapping) else None
-        if not isinstance(resource, Mapping):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
             continue
         resource_type = resource.get("resourceType")
         reference = f"{resource_type}/{resource['id']}" if resource.get("id") else ""
@@ -210,7 +210,7 @@ def find_drug_orders(
 
 def _check_patient(resource: Mapping[str, Any], patient_id: str | None, location: str) -> None:
     subject = resource.get("subject", resource.get("patient"))
-    reference = subject.get("reference") if isinstance(subject, Mapping) else None
+    reference = subject.get("reference") if isinstance(subject, dict) else None
     if patient_id is None or not isinstance(reference, str):
         return
     parts = reference.rstrip("/").split("/")

@@ -52,7 +52,7 @@ def references_patient(resource: Resource, patient_id: str) -> bool:
     """
     for key in ("subject", "patient"):
         ref = resource.get(key)
-        if not isinstance(ref, Mapping) or not isinstance(ref.get("reference"), str):
+        if not isinstance(ref, dict) or not isinstance(ref.get("reference"), str):
             continue
         reference = ref["reference"].split("/_history/")[0].rstrip("/")
         if reference.startswith(("urn:", "#")):

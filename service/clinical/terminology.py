@@ -77,7 +77,7 @@ class Terminology:
 
 def codings_of(concept: Mapping[str, Any] | None) -> Iterable[tuple[str, str]]:
     """(system, code) pairs of a CodeableConcept, normalised; malformed codings are skipped."""
-    if not isinstance(concept, Mapping):
+    if not isinstance(concept, dict):
         return
     for coding in objects(concept.get("coding")):
         system, code = coding.get("system"), coding.get("code")
@@ -93,7 +93,7 @@ def concept_matches(
 
 def concept_named(concept: Mapping[str, Any] | None, pattern: re.Pattern[str]) -> str | None:
     """The text or display of a CodeableConcept in which `pattern` finds a name, if any."""
-    if not isinstance(concept, Mapping):
+    if not isinstance(concept, dict):
         return None
     texts = [concept.get("text")] + [c.get("display") for c in objects(concept.get("coding"))]
     for text in texts:
@@ -111,10 +111,11 @@ def match_drug(
     each coding's `display`, as whole words so that e.g. "rituximab-abbs" is told apart. Within
     a group a verified code is named before an unverified one, which is marked as such.
     """
-    if not isinstance(concept, Mapping):
+    if not isinstance(concept, dict):
         return None
+    any_code, any_name = _screen(groups)
     pairs = list(codings_of(concept))
-    for group in groups:
+    for group in groups if any(pair in any_code for pair in pairs) else ():
         matched = [pair for pair in pairs if pair in group.codes]
         if matched:
             verified = [pair for pair in matched if pair not in group.unverified]
@@ -126,12 +127,28 @@ def match_drug(
     texts = [concept.get("text")]
     texts += [c.get("display") for c in objects(concept.get("coding"))]
     for text in texts:
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or not any_name.search(text):
             continue
         for group in groups:
             if group.name_pattern.search(text):
                 return group, f'name "{text.strip()[:80]}"'
     return None
+
+
+# Per tuple of groups: every code of any group, and one pattern for every name of any group.
+# Most medications on a chart are none of these drugs; one set lookup and one regex search tell
+# so, instead of one of each per group. Keyed by id(), the tuple kept to make the key safe.
+_SCREENS: dict[int, tuple[tuple[DrugGroup, ...], frozenset[tuple[str, str]], re.Pattern[str]]] = {}
+
+
+def _screen(groups: tuple[DrugGroup, ...]) -> tuple[frozenset[tuple[str, str]], re.Pattern[str]]:
+    cached = _SCREENS.get(id(groups))
+    if cached is None or cached[0] is not groups:
+        codes = frozenset().union(*(group.codes for group in groups))
+        patterns = [g.name_pattern.pattern for g in groups if g.name_pattern is not _NEVER]
+        names = re.compile("|".join(patterns), re.IGNORECASE) if patterns else _NEVER
+        cached = _SCREENS[id(groups)] = (groups, codes, names)
+    return cached[1], cached[2]
 
 
 def _system_label(system: str) -> str:

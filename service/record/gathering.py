@@ -54,7 +54,7 @@ class Fetcher(Protocol):
 
 
 def _needs_fetch(value: Any) -> bool:
-    return isinstance(value, Mapping) and value.get("resourceType") == "OperationOutcome"
+    return isinstance(value, dict) and value.get("resourceType") == "OperationOutcome"
 
 
 def _has_next_page(bundle: Mapping[str, Any]) -> bool:
@@ -74,7 +74,7 @@ def _check_value(key: str, value: Mapping[str, Any], patient_id: str, where: str
         if not isinstance(items, list):
             raise InvalidPrefetch(f"{where}.{field}", "must be an array")
         for index, item in enumerate(items):
-            if not isinstance(item, Mapping):
+            if not isinstance(item, dict):
                 raise InvalidPrefetch(f"{where}.{field}[{index}]", "must be an object")
     expected = RECORD_KEYS[key][1]
     for resource in bundle_resources(value):
@@ -108,7 +108,7 @@ def gather_record(
             to_fetch[key], lacking[key] = query, "not in prefetch"
         elif _needs_fetch(value):
             to_fetch[key], lacking[key] = query, "prefetch query failed (OperationOutcome)"
-        elif isinstance(value, Mapping):
+        elif isinstance(value, dict):
             _check_value(key, value, patient_id, f"prefetch.{key}")
             if _has_next_page(value):
                 # Only part of the result came: fetch it whole rather than judge on a page.
@@ -141,7 +141,7 @@ def _fetch(
     from service.record.fhir_client import FhirServerRefused
 
     auth = body.get("fhirAuthorization") or {}
-    token = auth.get("access_token") if isinstance(auth, Mapping) else None
+    token = auth.get("access_token") if isinstance(auth, dict) else None
     fetcher = fetcher_factory()
     try:
         # fetch_all checks the server first; checking separately before it would cost a second
@@ -155,7 +155,7 @@ def _fetch(
     results: dict[str, Mapping[str, Any]] = {}
     for key, query in queries.items():
         outcome = outcomes.get(key)
-        if outcome is None or not outcome.ok or not isinstance(outcome.resource, Mapping):
+        if outcome is None or not outcome.ok or not isinstance(outcome.resource, dict):
             reason = outcome.error if outcome is not None and outcome.error else "no answer"
             missing.append(MissingData(key, query, reason))
             continue
