@@ -7,7 +7,9 @@ not run (wrk missing, a server that does not start, a workload whose answer is w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +20,7 @@ from bench import BENCH_DIR, ROOT
 if str(ROOT) not in sys.path:  # tests.fhir_test_server lives beside the service, not in it
     sys.path.insert(0, str(ROOT))
 
+from bench.baseline_search import Candidate, candidates, search
 from bench.growth import (
     MAX_BODY_BYTES,
     build_growth_workloads,
@@ -27,13 +30,9 @@ from bench.growth import (
 )
 from bench.loadgen import WrkFailed, WrkMissing, find_wrk, wrk_version
 from bench.report import evaluate_targets, machine_info, render_markdown, write_json
-from bench.runner import LoadSettings, WorkloadBroken, run_workload
-from bench.servers import (
-    ServerError,
-    baseline_server,
-    service_config,
-    service_server,
-)
+from bench.runner import LoadSettings, WorkloadBroken, check_baseline, run_workload
+from bench.servers import ServerError, service_config, service_server
+from bench.stages import format_rows, run_stages
 from bench.workloads import build_workloads, fhir_server_resources
 from service.serving.server import DEFAULT_THREADS, DEFAULT_WORKERS
 from tests.fhir_test_server import FhirTestServer
@@ -119,6 +118,17 @@ def _parser() -> argparse.ArgumentParser:
         "--no-install", action="store_true", help="never try to install wrk, only say how"
     )
     parser.add_argument(
+        "--no-baseline-search",
+        action="store_true",
+        help="measure the baseline under the service's own settings only",
+    )
+    parser.add_argument(
+        "--stage-calls",
+        type=int,
+        default=300,
+        help="in-process calls per workload for the CPU-by-stage table (0: skip it)",
+    )
+    parser.add_argument(
         "--no-growth",
         action="store_true",
         help="skip the growth series (60, 600 and 6,000 IgM results at 1 connection)",
@@ -129,10 +139,12 @@ def _parser() -> argparse.ArgumentParser:
 def _fresh_workdir(workdir: Path) -> None:
     """Start from an empty store and empty logs; only files this bench writes are removed."""
     workdir.mkdir(parents=True, exist_ok=True)
-    names = ["flare-cds.log", "baseline.log", "wrk.log", "flare-cds.toml"]
+    names = ["flare-cds.log", "wrk.log", "flare-cds.toml"]
     names += [f"flare-cds.sqlite3{suffix}" for suffix in ("", "-wal", "-shm", ".key")]
     for name in names:
         (workdir / name).unlink(missing_ok=True)
+    for log in workdir.glob("baseline*.log"):
+        log.unlink()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         args.duration, args.warmup, args.connections = 1, 1, (8,)
         args.workloads = args.workloads or ",".join(QUICK_WORKLOADS)
         args.no_growth = True
+        args.stage_calls = min(args.stage_calls, 30)
     try:
         wrk = find_wrk(install=not args.no_install)
     except WrkMissing as exc:
@@ -172,7 +185,14 @@ def run(args: argparse.Namespace) -> int:
             f"{args.warmup}+{args.duration} s per point, service and baseline",
             flush=True,
         )
-        with baseline_server(workdir, args.workers, args.threads) as baseline:
+        own = Candidate("flare-cds", args.workers, args.threads)
+        chosen, searched = own, []
+        if not args.no_baseline_search:
+            print("bench: finding the fastest server settings for the baseline", flush=True)
+            chosen, searched = _search_baseline(args, settings, workloads, workdir)
+        with contextlib.ExitStack() as servers:
+            baseline = servers.enter_context(chosen.process(workdir))
+            same = None if chosen == own else servers.enter_context(own.process(workdir))
             for workload in workloads:
                 results.append(
                     run_workload(
@@ -183,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
                         workdir,
                         progress=lambda line: print(line, flush=True),
                         after_point=fhir.clear_requests,  # it records every request; keep it small
+                        own_baseline=same,
                     )
                 )
             growth: list[dict[str, Any]] = []
@@ -200,7 +221,15 @@ def run(args: argparse.Namespace) -> int:
                         )
                     )
             baseline_memory = baseline.worker_memory()
+    staged = workloads + ([] if args.no_growth else build_growth_workloads())
+    stages = run_stages(staged, args.stage_calls) if args.stage_calls > 0 else []
     document = _document(args, wrk, results, baseline_memory)
+    document["baseline"]["settings"] = chosen.label
+    document["baseline"]["own_settings"] = own.label
+    document["baseline"]["search"] = searched
+    document["stages"] = stages
+    if stages:
+        print(format_rows(stages))
     rows = growth_rows(growth)
     plot = plot_growth(rows, args.out / "growth.png")
     document["growth"] = {
@@ -215,6 +244,30 @@ def run(args: argparse.Namespace) -> int:
     _print_targets(document)
     print(f"bench: wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
     return 0 if document["passed"] else 1
+
+
+def _search_baseline(
+    args: argparse.Namespace, settings: LoadSettings, workloads: list[Any], workdir: Path
+) -> tuple[Candidate, list[dict[str, Any]]]:
+    """Measure the baseline app under each candidate setting on the first full-prefetch body."""
+    workload = next((w for w in workloads if not w.uses_fhir_server), workloads[0])
+    body = workload.body_bytes()
+    body_file = workdir / f"{workload.name}.json"
+    body_file.write_bytes(body)
+    with Candidate("sync", 1).process(workdir) as probe:
+        expect = check_baseline(probe.url, workload, body)
+    return search(
+        candidates(args.workers, os.cpu_count() or 1),
+        workdir,
+        settings.wrk,
+        workload.path,
+        body_file,
+        expect,
+        settings.connections,
+        args.duration,
+        settings.close,
+        progress=lambda line: print(line, flush=True),
+    )
 
 
 def _document(
@@ -240,7 +293,8 @@ def _document(
             "connection": "keep-alive" if args.keepalive else "close",
             "max_other_cores": args.max_other_cores,
             "retries": args.retries,
-            "server": "gunicorn, gevent worker (service.serving.server.gunicorn_options) for both",
+            "server": "flare-cds: `flare-cds serve` (gunicorn, gevent worker); baseline: the "
+            "fastest settings found (see baseline.search), and the service's own",
         },
         "baseline": {
             "app": 'bench/baseline_app.py: json.loads(body) -> {"cards": []}',

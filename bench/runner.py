@@ -139,9 +139,12 @@ def run_workload(
     workdir: Path,
     progress: Callable[[str], None] = print,
     after_point: Callable[[], None] = lambda: None,
+    own_baseline: ServerProcess | None = None,
 ) -> dict[str, Any]:
     """All concurrency levels of one workload, on a freshly started service (so peak RSS and
-    the first request are this workload's own)."""
+    the first request are this workload's own). `baseline` is the bare app under the fastest
+    settings found; `own_baseline`, if given, the same app under the service's own settings,
+    measured too so both ratios are reported."""
     body = workload.body_bytes()
     body_file = workdir / f"{workload.name}.json"
     body_file.write_bytes(body)
@@ -154,6 +157,8 @@ def run_workload(
         "uses_fhir_server": workload.uses_fhir_server,
     }
     baseline_expect = check_baseline(baseline.url, workload, body)
+    if own_baseline is not None:
+        check_baseline(own_baseline.url, workload, body)
     with new_service() as service:  # starts it
         started_workers = service.worker_pids
         result["check"] = check_service(service.url, workload, body)
@@ -179,15 +184,34 @@ def run_workload(
             after_point()
             rps, base_rps = own["throughput_rps"], base["throughput_rps"]
             ratio = rps / base_rps if base_rps else 0.0
-            points.append(
-                {
-                    "connections": connections,
-                    "service": own,
-                    "baseline": base,
-                    "throughput_ratio": round(ratio, 3),
-                }
-            )
+            point: dict[str, Any] = {
+                "connections": connections,
+                "service": own,
+                "baseline": base,
+                "throughput_ratio": round(ratio, 3),
+            }
+            if own_baseline is not None:
+                same = _load(
+                    settings,
+                    own_baseline,
+                    workload,
+                    body_file,
+                    baseline_expect,
+                    connections,
+                    progress,
+                )
+                after_point()
+                same_rps = same["throughput_rps"]
+                point["baseline_own"] = same
+                point["throughput_ratio_own"] = round(rps / same_rps if same_rps else 0.0, 3)
+            points.append(point)
             latency = own["latency_ms"]
+            if "throughput_ratio_own" in point:
+                progress(
+                    f"  {connections:>3} conn: baseline under the service's own settings "
+                    f"{point['baseline_own']['throughput_rps']:8.1f} req/s, "
+                    f"{point['throughput_ratio_own']:.2f}x"
+                )
             progress(
                 f"  {connections:>3} conn: {rps:8.1f} req/s (baseline {base_rps:8.1f}, "
                 f"{ratio:.2f}x)  p50 {latency['p50']:.2f} p90 {latency['p90']:.2f} "

@@ -206,7 +206,10 @@ def service_server(workdir: Path, config: Path, workers: int, threads: int) -> S
     )
 
 
-def baseline_server(workdir: Path, workers: int, threads: int) -> ServerProcess:
+def baseline_server(
+    workdir: Path, workers: int, threads: int, server: str = "flare-cds"
+) -> ServerProcess:
+    """The baseline app under `server` settings (bench.baseline_app.SERVERS)."""
     port = free_port()
     command = [
         sys.executable,
@@ -220,8 +223,11 @@ def baseline_server(workdir: Path, workers: int, threads: int) -> ServerProcess:
         str(workers),
         "--threads",
         str(threads),
+        "--server",
+        server,
     ]
-    return ServerProcess("baseline", command, port, workdir, workers, _clean_env())
+    name = f"baseline-{server}-{workers}w" + (f"x{threads}t" if server == "gthread" else "")
+    return ServerProcess(name, command, port, workdir, workers, _clean_env())
 
 
 def service_config(

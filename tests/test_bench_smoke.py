@@ -72,7 +72,7 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
         str(tmp_path / "work"),
     ]
     run = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False
+        command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False
     )
     # 1 means a target was missed (timing on a shared machine); 2 would be a harness failure.
     assert run.returncode in (0, 1), run.stdout + run.stderr
@@ -95,7 +95,26 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
             assert 0 < measured["latency_ms"]["p50"] <= measured["latency_ms"]["p99"]
             assert measured["errors"]["total"] == 0, measured["errors"]
             assert measured["cpu"]["ms_per_request"] > 0
+    # The baseline is the fastest of the settings tried, each measured without an error.
+    search = document["baseline"]["search"]
+    assert len(search) >= 3 and sum(row["chosen"] for row in search) == 1
+    chosen = next(row for row in search if row["chosen"])
+    assert chosen["settings"] == document["baseline"]["settings"]
+    assert chosen["worst"] == max(row["worst"] for row in search) > 0
+    if document["baseline"]["settings"] != document["baseline"]["own_settings"]:
+        for workload in document["workloads"]:
+            (point,) = workload["points"]
+            assert point["baseline_own"]["throughput_rps"] > 0
+            assert point["throughput_ratio_own"] > 0
+    # CPU by stage, for the workload that needs no FHIR server.
+    (stages,) = document["stages"]
+    assert stages["name"] == "order-sign-high"
+    assert all(value >= 0 for value in stages["stages_ms"].values())
+    assert stages["stages_ms"]["parse"] > 0 and stages["stages_ms"]["assess"] > 0
+    assert sum(stages["stages_ms"].values()) == pytest.approx(stages["total_ms"], abs=0.01)
     targets = document["targets"]
     assert {t["workload"] for t in targets} == set(QUICK_WORKLOADS)
     assert all(t["passed"] in (True, False, None) for t in targets)
-    assert "## Targets" in (out / "results.md").read_text("utf-8")
+    markdown = (out / "results.md").read_text("utf-8")
+    assert "## Targets" in markdown and "## CPU per call by stage" in markdown
+    assert "## Baseline server settings" in markdown

@@ -1,0 +1,87 @@
+"""The fastest server settings for the baseline app on this machine, found by measuring them.
+
+A ratio against a baseline is only as honest as the baseline: a bare echo under the service's
+own gevent worker is slower than under plain sync workers, so the service's throughput is
+compared with the best the bare app reaches here. Each candidate is loaded at every measured
+concurrency level on the same body the workloads use; the one with the highest worst-case
+throughput wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import run_wrk
+from bench.servers import ServerProcess, baseline_server
+
+
+@dataclass(frozen=True)
+class Candidate:
+    server: str  # bench.baseline_app.SERVERS
+    workers: int
+    threads: int = 1
+
+    @property
+    def label(self) -> str:
+        if self.server == "gthread":
+            return f"gthread {self.workers} workers x {self.threads} threads"
+        if self.server == "sync":
+            return f"sync, {self.workers} workers"
+        return f"the service's own (gevent worker), {self.workers} workers"
+
+    def process(self, workdir: Path) -> ServerProcess:
+        """The baseline under these settings, not yet started (`with` starts and stops it)."""
+        return baseline_server(workdir, self.workers, self.threads, self.server)
+
+
+def candidates(workers: int, cores: int) -> tuple[Candidate, ...]:
+    """The service's own settings first, then plain sync and gthread workers, one and two per
+    core (sync workers cannot overlap a request with reading the next one)."""
+    found = [Candidate("flare-cds", workers)]
+    for count in sorted({max(1, cores), 2 * max(1, cores), workers}):
+        found.append(Candidate("sync", count))
+    found.append(Candidate("gthread", workers, 4))
+    return tuple(found)
+
+
+def search(
+    options: Sequence[Candidate],
+    workdir: Path,
+    wrk: str,
+    path: str,
+    body_file: Path,
+    expect: str,
+    connections: Sequence[int],
+    seconds: int,
+    close: bool = True,
+    progress: Callable[[str], None] = print,
+) -> tuple[Candidate, list[dict[str, Any]]]:
+    """The fastest candidate, and what each one measured (req/s per concurrency level)."""
+    rows = []
+    best: tuple[float, Candidate] | None = None
+    for candidate in options:
+        with candidate.process(workdir) as server:
+            url = f"{server.url}{path}"
+            run_wrk(wrk, url, body_file, expect, max(connections), 1, close=close)  # warm-up
+            rates = {}
+            for level in connections:
+                point = run_wrk(wrk, url, body_file, expect, level, seconds, close=close)
+                if point.error_total:
+                    rates[level] = 0.0  # a setting that drops requests is not a baseline
+                else:
+                    rates[level] = round(point.throughput_rps, 1)
+        worst = min(rates.values())
+        rows.append({"settings": candidate.label, "throughput_rps": rates, "worst": worst})
+        progress(
+            f"  baseline under {candidate.label}: "
+            + ", ".join(f"{rate:.0f} req/s at {level}" for level, rate in rates.items())
+        )
+        if best is None or worst > best[0]:
+            best = (worst, candidate)
+    assert best is not None
+    for row in rows:
+        row["chosen"] = row["settings"] == best[1].label
+    return best[1], rows
