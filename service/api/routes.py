@@ -75,6 +75,8 @@ def call_service(service_id: str) -> Response:
     from service.app.links import timeline_target
     from service.cards.links import with_timeline_link
 
+    if not result.cards:
+        return jsonify({"cards": []})
     target = timeline_target(rt.settings, body, result.patient_id)
     return jsonify({"cards": [with_timeline_link(c.card, c.finding, target) for c in result.cards]})
 

@@ -21,8 +21,12 @@ from service.settings import TerminologySettings
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
 
 
+@lru_cache(maxsize=4096)
 def normalise_code(system: str, code: str) -> tuple[str, str]:
-    """ICD-10 codes arrive both as "C88.0" and "C880"; compare them without the dot."""
+    """ICD-10 codes arrive both as "C88.0" and "C880"; compare them without the dot.
+
+    Cached: charts share a small vocabulary (the same LOINC, ICD-10 and RxNorm codes recur
+    in every patient's record), and this runs for every coding read."""
     system = system.strip()
     code = code.strip()
     if system in ICD10_SYSTEMS:
