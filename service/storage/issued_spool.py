@@ -8,6 +8,15 @@ it, and any worker on the host that finds one unlocked (its writer died) adopts 
 Writing a record twice is harmless (the store ignores a uuid it has). Records that neither the
 store nor the spool could take (a full disk as well as a store down) are counted and logged as
 lost, with counts only: the record holds a patient hash, which has no place in logs.
+
+Group commit: calls that arrive while a write is in flight do not each commit (one fsync per
+call on SQLite). A caller queues its records; if no write is in flight it leads: it takes the
+queue (up to BATCH rows, whole calls only, oldest first), writes it in one store call, marks
+those calls done or failed and wakes the rest; the others wait and join the next batch. A
+caller returns only once its own records are committed, or, when the batch that held them
+failed, once it has spooled them as above, so the durability promise is the same for each
+call. The wait uses `threading` (monkey-patched into cooperative primitives under the gevent
+worker, where the leader's store call runs on the store's native thread).
 """
 
 from __future__ import annotations
@@ -83,11 +92,25 @@ class _Spool:
         self.handle.close()  # after the unlink: nobody can adopt it in between
 
 
+class _Call:
+    """One record() call's records, queued for the next batch."""
+
+    __slots__ = ("cards", "done", "error")
+
+    def __init__(self, cards: Sequence[IssuedCard]) -> None:
+        self.cards = cards
+        self.done = False
+        self.error: Exception | None = None
+
+
 class IssuedCardRecorder:
     def __init__(self, store: Callable[[], Any], directory: Path, count: Count) -> None:
         self._store = store
         self._directory = directory
         self._count = count
+        self._commit = threading.Condition(threading.Lock())  # guards _queue and _writing
+        self._queue: list[_Call] = []
+        self._writing = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._active: _Spool | None = None
@@ -99,16 +122,15 @@ class IssuedCardRecorder:
     def record(self, cards: Sequence[IssuedCard]) -> None:
         """Durable when it returns (see the module's docstring); never raises."""
         if not self._backlog:
-            try:
-                self._store().record_issued(cards)
+            error = self._write_in_batch(cards)
+            if error is None:
                 self._count("stored", len(cards))
                 return
-            except Exception as exc:
-                log.warning(
-                    "store did not take %d issued-card records (%s); spooled for retry",
-                    len(cards),
-                    type(exc).__name__,
-                )
+            log.warning(
+                "store did not take %d issued-card records (%s); spooled for retry",
+                len(cards),
+                type(error).__name__,
+            )
         try:
             self._append(cards)
         except Exception as exc:
@@ -118,6 +140,48 @@ class IssuedCardRecorder:
         self._count("spooled", len(cards))
         self._start()
         self._wake.set()
+
+    def waiting(self) -> int:
+        """Calls whose records are queued for a write not yet started."""
+        with self._commit:
+            return len(self._queue)
+
+    def _write_in_batch(self, cards: Sequence[IssuedCard]) -> Exception | None:
+        """Once this call's records are committed, None; else what the store raised."""
+        mine = _Call(cards)
+        with self._commit:
+            self._queue.append(mine)
+            while not mine.done:
+                if self._writing:
+                    self._commit.wait()
+                    continue
+                batch = self._take_batch()
+                self._writing = True
+                self._commit.release()  # others queue while the store writes
+                # Until the store returns, not written: a leader interrupted by a BaseException
+                # (a greenlet killed) must not let its followers believe theirs were committed.
+                error: Exception | None = InterruptedError("write interrupted")
+                try:
+                    self._store().record_issued([c for call in batch for c in call.cards])
+                    error = None
+                except Exception as exc:
+                    error = exc
+                finally:
+                    self._commit.acquire()
+                    self._writing = False
+                    for call in batch:
+                        call.done, call.error = True, error
+                    self._commit.notify_all()
+        return mine.error
+
+    def _take_batch(self) -> list[_Call]:
+        """The oldest queued calls, up to BATCH rows (always one call, whatever its size)."""
+        rows, taken = len(self._queue[0].cards), 1
+        while taken < len(self._queue) and rows + len(self._queue[taken].cards) <= BATCH:
+            rows += len(self._queue[taken].cards)
+            taken += 1
+        batch, self._queue[:taken] = self._queue[:taken], []
+        return batch
 
     def adopt_leftovers(self) -> None:
         """Start draining if dead processes left spool files (cheap when there are none)."""
