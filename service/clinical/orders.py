@@ -88,12 +88,12 @@ def _medication_concepts(
             concepts.append(concept)
         reference = field(resource, "medication", "reference")
     else:
-        if isinstance(resource.get("medicationCodeableConcept"), Mapping):
+        if isinstance(resource.get("medicationCodeableConcept"), dict):
             concepts.append(resource["medicationCodeableConcept"])
         reference = resource.get("medicationReference")
     if isinstance(reference, dict):
         target = _resolve_medication(reference.get("reference"), resource, medications)
-        if target is not None and isinstance(target.get("code"), Mapping):
+        if target is not None and isinstance(target.get("code"), dict):
             concepts.append(target["code"])
         if target is not None:
             concepts += _ingredient_concepts(target)
@@ -225,9 +225,9 @@ def _reasons(resource: Mapping[str, Any]) -> tuple[tuple[Mapping[str, Any], ...]
     concepts = list(objects(resource.get("reasonCode")))
     references = list(objects(resource.get("reasonReference")))
     for reason in objects(resource.get("reason")):
-        if isinstance(reason.get("concept"), Mapping):
+        if isinstance(reason.get("concept"), dict):
             concepts.append(reason["concept"])
-        if isinstance(reason.get("reference"), Mapping):
+        if isinstance(reason.get("reference"), dict):
             references.append(reason["reference"])
     targets = []
     for reference in references:
@@ -235,7 +235,7 @@ def _reasons(resource: Mapping[str, Any]) -> tuple[tuple[Mapping[str, Any], ...]
         if isinstance(target, str) and target.startswith("#"):
             # A contained Condition: its code is the indication.
             for contained in objects(resource.get("contained")):
-                if contained.get("id") == target[1:] and isinstance(contained.get("code"), Mapping):
+                if contained.get("id") == target[1:] and isinstance(contained.get("code"), dict):
                     concepts.append(contained["code"])
         elif isinstance(target, str):
             targets.append(target)

@@ -41,7 +41,7 @@ RECORD_KEYS: dict[str, tuple[str, str]] = {
 
 def bundle_resources(bundle: Resource) -> Iterable[Resource]:
     for entry in objects(bundle.get("entry")):
-        if isinstance(entry.get("resource"), Mapping):
+        if isinstance(entry.get("resource"), dict):
             yield entry["resource"]
 
 
