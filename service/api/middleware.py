@@ -46,6 +46,8 @@ _QUOTE_OR_BACKSLASH_ESCAPE = re.compile(rb'\\[\\"]')
 _SCAN_BYTES = bytes(c if c in b'[]{}"\\' else 32 for c in range(256)).translate(_OBJECTS_AS_ARRAYS)
 # A string once each escaped quote is a "'": any quote opens one, only a plain quote closes it.
 _SCANNED_STRING = re.compile(b'[\'"][^"]*"')
+# How much of the marks _outside_strings and _without_strings split and join at once.
+_JOIN_SLICE_BYTES = 32 * 1024
 
 
 class _CappedBody(io.RawIOBase):
@@ -111,12 +113,29 @@ def _bracket_shape(raw: bytes) -> bytes:
     # one, the pairing may have taken an opening quote there, but leaves a backslash to tell.
     traced = _QUOTE_OR_BACKSLASH_ESCAPE.sub(b"\\\\", raw) if b"\\" in raw else raw
     # Every quote left opens or closes a string, so the pieces between quotes alternate out/in.
-    pieces = traced.translate(_OBJECTS_AS_ARRAYS, _NOT_SHAPE).split(b'"')
-    unclosed = pieces.pop() if len(pieces) % 2 == 0 else b""  # an odd number of quotes
-    outside = b"".join(pieces[::2])
+    marks = traced.translate(_OBJECTS_AS_ARRAYS, _NOT_SHAPE)
+    # After an odd number of quotes, what follows the last one is a string never closed.
+    unclosed = marks[marks.rfind(b'"') + 1 :] if marks.count(b'"') % 2 else b""
+    outside = _outside_strings(marks)
     if b"\\" in outside:
         return _bracket_shape_scanned(raw)
     return outside + unclosed.replace(b"\\", b"")
+
+
+def _outside_strings(marks: bytes) -> bytes:
+    """The pieces of `marks` between quotes that lie outside strings (the first, the third, ...),
+    joined; a slice of `marks` at a time, in linear time.
+
+    bytes.join sets aside about 80 bytes per piece it joins: the pieces of a 6 MB prefetch body
+    (400,000 strings) joined at once took 35 MB, and 5 MB of empty strings would take 130 MB.
+    """
+    joined = []
+    inside = 0  # whether the slice starts inside a string: the parity of the quotes before it
+    for start in range(0, len(marks), _JOIN_SLICE_BYTES):
+        pieces = marks[start : start + _JOIN_SLICE_BYTES].split(b'"')
+        joined.append(b"".join(pieces[inside::2]))
+        inside = (inside + len(pieces) - 1) % 2
+    return b"".join(joined)
 
 
 def _bracket_shape_scanned(raw: bytes) -> bytes:
@@ -132,8 +151,35 @@ def _bracket_shape_scanned(raw: bytes) -> bytes:
     # at the first plain quote after its start: no match ever backtracks, none fails but at the
     # last quote. After it, unclosed string or not, every bracket counts.
     last = marked.rfind(b'"') + 1
-    shape = _SCANNED_STRING.sub(b"", marked[:last]) + marked[last:]
+    shape = _without_strings(marked[:last]) + marked[last:]
     return shape.translate(None, b"\"'")
+
+
+def _without_strings(marked: bytes) -> bytes:
+    """`marked` with its strings taken out, as _SCANNED_STRING.sub(b"", marked) would, but a
+    slice at a time: like bytes.join, the substitution sets aside about 80 bytes per match.
+
+    Each slice ends at a plain quote. A string that starts before it ends there or earlier, so
+    the slice's matches are the ones the whole text has; only the quote at the end may be left
+    over, opening a string, and then the next slice starts with it.
+    """
+    kept = []
+    start = 0
+    while start < len(marked):
+        end = marked.rfind(b'"', start + 1, start + _JOIN_SLICE_BYTES)
+        if end < 0:
+            end = marked.find(b'"', start + 1)
+        if end < 0:  # only the last quote is left, and it opens a string
+            kept.append(marked[start:])
+            break
+        piece = _SCANNED_STRING.sub(b"", marked[start : end + 1])
+        if piece.endswith(b'"'):  # the quote at `end` opens a string: read it with the next slice
+            kept.append(piece[:-1])
+            start = end
+        else:
+            kept.append(piece)
+            start = end + 1
+    return b"".join(kept)
 
 
 def json_nesting_exceeds(raw: bytes, limit: int) -> bool:
