@@ -1,34 +1,11 @@
-"""The chart from plain series: one mark per result, every layer present, the same SVG twice;
-and matplotlib loaded only when a chart is drawn, never by creating the app."""
+"""The chart from plain series: one mark per result, every layer present, the same SVG twice."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from service.app.chart import ChartInput, Marker, Point, Span, render_svg
-
-ROOT = Path(__file__).resolve().parents[2]
-DRAWING_MODULES = ("matplotlib", "numpy", "PIL")
-# Run in a fresh interpreter: in the test process, other tests have long since drawn charts.
-LOADED_BY_APP_THEN_BY_CHART = """
-import json, sys
-from pathlib import Path
-from service import create_app
-from service.settings import Settings
-
-folder = Path(sys.argv[1])
-storage = {"database": str(folder / "flare-cds.sqlite3"), "spool_directory": str(folder / "spool")}
-create_app(Settings().replace(storage=storage))
-loaded = lambda: sorted(m for m in sys.argv[2:] if m in sys.modules)
-after_app = loaded()
-from service.app.chart import render_svg
-print(json.dumps({"after_app": after_app, "after_chart": loaded()}))
-"""
 
 SVG = {"svg": "http://www.w3.org/2000/svg"}
 START = datetime(2026, 6, 1, tzinfo=UTC)
@@ -101,18 +78,3 @@ def test_without_treatment_or_baseline_only_the_results_and_threshold() -> None:
 
 def test_the_same_data_gives_the_same_svg() -> None:
     assert render_svg(_chart(), "t") == render_svg(_chart(), "t")
-
-
-def test_creating_the_app_loads_no_drawing_library(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", LOADED_BY_APP_THEN_BY_CHART, str(tmp_path), *DRAWING_MODULES],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    loaded = json.loads(result.stdout.splitlines()[-1])
-    assert loaded["after_app"] == []
-    # The same check sees them once the chart module is imported.
-    assert loaded["after_chart"] == sorted(DRAWING_MODULES)
