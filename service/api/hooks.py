@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service import metrics
+from service.api.contract import REQUEST_SCHEMAS
 from service.api.errors import ApiError
 from service.api.runtime import Runtime
 from service.cards.builder import RenderedCard
@@ -26,11 +27,6 @@ from service.clinical.orders import Deviation, DrugOrder, find_drug_orders
 from service.record.definitions import ORDER_SELECT, PATIENT_VIEW, ServiceDefinition
 from service.record.gathering import DataUnavailable, gather_record
 
-REQUEST_SCHEMAS = {
-    "order-select": "OrderSelectRequest",
-    "order-sign": "OrderSignRequest",
-    "patient-view": "PatientViewRequest",
-}
 log = logging.getLogger(__name__)
 # Elements of MedicationRequest (R4, STU3, R5) and DSTU2 MedicationOrder, for metric labels.
 KNOWN_ELEMENTS = frozenset(

@@ -31,10 +31,18 @@ JSON_BODY_TYPES = ("application/json", "application/fhir+json")
 # Far deeper than any FHIR resource or CDS Hooks request, far shallower than what makes
 # recursive Python code (schema validation, error rendering) hit the interpreter's limit.
 MAX_JSON_DEPTH = 100
-# Objects and arrays in one body. A long-treated patient's full prefetch is about 18 per kB
-# (2,300 in the benchmark's 124 kB record), so a 5 MB body of real FHIR stays under it; a body of
-# 400,000 empty objects, which costs seconds of parsing and validation, does not.
+# Objects and arrays in one body, per 5 MiB of `http.max_body_bytes` (so 100,000 at the default).
+# A long-treated patient's full prefetch is about 18-19 per kB (2,300 in the benchmark's 124 kB
+# record, 121,000 in its 6.3 MB one), so a body of real FHIR within the size limit stays under it;
+# 400,000 empty objects in 1.2 MB, which cost seconds of parsing and validation, do not.
 MAX_JSON_CONTAINERS = 100_000
+CONTAINERS_BODY_BYTES = 5 * 1024 * 1024
+
+
+def max_json_containers(max_body_bytes: int) -> int:
+    """The container cap for a body size limit: never below MAX_JSON_CONTAINERS."""
+    return max(MAX_JSON_CONTAINERS, MAX_JSON_CONTAINERS * max_body_bytes // CONTAINERS_BODY_BYTES)
+
 
 # Brackets inside string literals do not nest anything. Telling where strings end takes linear
 # time on any input: bytes methods, and patterns that never backtrack (see _bracket_shape).
@@ -46,6 +54,8 @@ _QUOTE_OR_BACKSLASH_ESCAPE = re.compile(rb'\\[\\"]')
 _SCAN_BYTES = bytes(c if c in b'[]{}"\\' else 32 for c in range(256)).translate(_OBJECTS_AS_ARRAYS)
 # A string once each escaped quote is a "'": any quote opens one, only a plain quote closes it.
 _SCANNED_STRING = re.compile(b'[\'"][^"]*"')
+# How much of the marks _outside_strings and _without_strings split and join at once.
+_JOIN_SLICE_BYTES = 32 * 1024
 
 
 class _CappedBody(io.RawIOBase):
@@ -111,18 +121,35 @@ def _bracket_shape(raw: bytes) -> bytes:
     # one, the pairing may have taken an opening quote there, but leaves a backslash to tell.
     traced = _QUOTE_OR_BACKSLASH_ESCAPE.sub(b"\\\\", raw) if b"\\" in raw else raw
     # Every quote left opens or closes a string, so the pieces between quotes alternate out/in.
-    kept = traced.translate(_OBJECTS_AS_ARRAYS, _NOT_SHAPE)
-    if kept.count(b'"') % 2 == 0:
+    marks = traced.translate(_OBJECTS_AS_ARRAYS, _NOT_SHAPE)
+    quotes = marks.count(b'"')
+    # After an odd number of quotes, what follows the last one is a string never closed.
+    unclosed = marks[marks.rfind(b'"') + 1 :] if quotes % 2 else b""
+    if not quotes % 2:
         # Every string is closed. Two quotes with nothing between them (a string with no
         # brackets in it, or the gap between two strings) can go first: that keeps the
         # alternation and every bracket's side, and leaves a few pieces instead of one per string.
-        kept = kept.replace(b'""', b"")
-    pieces = kept.split(b'"')
-    unclosed = pieces.pop() if len(pieces) % 2 == 0 else b""  # an odd number of quotes
-    outside = b"".join(pieces[::2])
+        marks = marks.replace(b'""', b"")
+    outside = _outside_strings(marks)
     if b"\\" in outside:
         return _bracket_shape_scanned(raw)
     return outside + unclosed.replace(b"\\", b"")
+
+
+def _outside_strings(marks: bytes) -> bytes:
+    """The pieces of `marks` between quotes that lie outside strings (the first, the third, ...),
+    joined; a slice of `marks` at a time, in linear time.
+
+    bytes.join sets aside about 80 bytes per piece it joins: the pieces of a 6 MB prefetch body
+    (400,000 strings) joined at once took 35 MB, and 5 MB of empty strings would take 130 MB.
+    """
+    joined = []
+    inside = 0  # whether the slice starts inside a string: the parity of the quotes before it
+    for start in range(0, len(marks), _JOIN_SLICE_BYTES):
+        pieces = marks[start : start + _JOIN_SLICE_BYTES].split(b'"')
+        joined.append(b"".join(pieces[inside::2]))
+        inside = (inside + len(pieces) - 1) % 2
+    return b"".join(joined)
 
 
 def _bracket_shape_scanned(raw: bytes) -> bytes:
@@ -138,8 +165,35 @@ def _bracket_shape_scanned(raw: bytes) -> bytes:
     # at the first plain quote after its start: no match ever backtracks, none fails but at the
     # last quote. After it, unclosed string or not, every bracket counts.
     last = marked.rfind(b'"') + 1
-    shape = _SCANNED_STRING.sub(b"", marked[:last]) + marked[last:]
+    shape = _without_strings(marked[:last]) + marked[last:]
     return shape.translate(None, b"\"'")
+
+
+def _without_strings(marked: bytes) -> bytes:
+    """`marked` with its strings taken out, as _SCANNED_STRING.sub(b"", marked) would, but a
+    slice at a time: like bytes.join, the substitution sets aside about 80 bytes per match.
+
+    Each slice ends at a plain quote. A string that starts before it ends there or earlier, so
+    the slice's matches are the ones the whole text has; only the quote at the end may be left
+    over, opening a string, and then the next slice starts with it.
+    """
+    kept = []
+    start = 0
+    while start < len(marked):
+        end = marked.rfind(b'"', start + 1, start + _JOIN_SLICE_BYTES)
+        if end < 0:
+            end = marked.find(b'"', start + 1)
+        if end < 0:  # only the last quote is left, and it opens a string
+            kept.append(marked[start:])
+            break
+        piece = _SCANNED_STRING.sub(b"", marked[start : end + 1])
+        if piece.endswith(b'"'):  # the quote at `end` opens a string: read it with the next slice
+            kept.append(piece[:-1])
+            start = end
+        else:
+            kept.append(piece)
+            start = end + 1
+    return b"".join(kept)
 
 
 def json_nesting_exceeds(raw: bytes, limit: int) -> bool:
@@ -165,6 +219,7 @@ def _shape_nests_deeper(shape: bytes, limit: int) -> bool:
 def install(app: Flask) -> None:
     settings = app.extensions["flare_cds"].settings
     origins = settings.http.cors_origins
+    max_containers = max_json_containers(settings.http.max_body_bytes)
     app.request_class = BoundedRequest
 
     @app.before_request
@@ -182,7 +237,7 @@ def install(app: Flask) -> None:
             return preflight
         if request.path not in PUBLIC_PATHS and request.path.startswith("/cds-services"):
             _authenticate(app)
-        _check_json_body()
+        _check_json_body(max_containers)
         return None
 
     @app.after_request
@@ -255,7 +310,7 @@ def _cors(response: Response, origins: tuple[str, ...]) -> None:
     response.headers["Access-Control-Max-Age"] = "600"
 
 
-def _check_json_body() -> None:
+def _check_json_body(max_containers: int) -> None:
     """Refuse JSON too deep or with too many parts before a route parses and walks it.
 
     Both checks run on the bytes in time linear in their size, so an absurd body costs about as
@@ -274,11 +329,11 @@ def _check_json_body() -> None:
             400, "invalid_json", f"the body nests arrays or objects more than {MAX_JSON_DEPTH} deep"
         )
     containers = shape.count(b"[")
-    if containers > MAX_JSON_CONTAINERS:
+    if containers > max_containers:
         raise ApiError(
             413,
             "payload_too_large",
-            f"the body holds {containers} objects and arrays; at most {MAX_JSON_CONTAINERS} "
+            f"the body holds {containers} objects and arrays; at most {max_containers} "
             "are accepted",
         )
 

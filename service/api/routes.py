@@ -12,6 +12,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from service import metrics
 from service.api import json_codec
 from service.api.access import check_metrics_access
+from service.api.contract import FEEDBACK_SCHEMA
 from service.api.errors import ApiError
 from service.api.hooks import run_hook
 from service.api.runtime import Runtime
@@ -117,7 +118,7 @@ def feedback(service_id: str) -> Response:
     rt = runtime()
     definition_or_404(service_id)
     body = read_json_body()
-    problems = rt.contract.problems("FeedbackRequest", body)
+    problems = rt.contract.problems(FEEDBACK_SCHEMA, body)
     if problems:
         raise ApiError(
             400,

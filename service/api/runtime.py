@@ -39,7 +39,7 @@ class Runtime:
         self.settings = settings
         self.clock = clock
         self.contract = Contract()
-        self.contract.compile_all()
+        self.contract.compile()
         # Like the schemas: built before the first call rather than during it.
         from service.clinical.orders import warm_up_models
 

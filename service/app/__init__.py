@@ -1,8 +1,9 @@
 """The IgM timeline: a SMART on FHIR app under /app/ that charts what the cards describe.
 
 SMART App Launch (oauth), launch and session state sealed for the browser (sealed_state), the
-patient's data judged by the hooks' own rules (reading), plain series for the chart (series),
-the SVG chart (chart) and the Flask routes and pages (views, templates/, static/).
+patient's data judged by the hooks' own rules (reading), plain series for the chart (series,
+chart_data), the SVG chart (chart, the only module that loads matplotlib, on the first chart
+drawn) and the Flask routes and pages (views, templates/, static/).
 
 May import: Flask, requests, matplotlib, cryptography, the settings, service.api.runtime,
 service.record (gathering, FHIR client, address policy), service.clinical, service.cards and

@@ -1,17 +1,19 @@
 """The timeline chart: plain series and spans in, an SVG document out (matplotlib, svg backend).
 
 The chart knows nothing of FHIR or of the rules: `service.app.series` turns what the clinical
-core found into a `ChartInput`, so treatment history from any source can be drawn by adding an
-adapter there. Every group a test or a screen reader may want carries an SVG id (`gid`):
-`igm-usable` holds one marker per usable IgM result, `igm-unusable` one per unusable result.
+core found into a `ChartInput` (`service.app.chart_data`), so treatment history from any source
+can be drawn by adding an adapter there. Matplotlib is loaded with this module, which only the
+timeline page imports, when it first draws a chart.
+
+Every group a test or a screen reader may want carries an SVG id (`gid`): `igm-usable` holds one
+marker per usable IgM result, `igm-unusable` one per unusable result.
 """
 
 from __future__ import annotations
 
 import io
 import threading
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import matplotlib
 import matplotlib.dates as mdates
@@ -19,6 +21,10 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_svg import FigureCanvasSVG
 from matplotlib.figure import Figure
 from matplotlib.ticker import StrMethodFormatter
+
+from service.app.chart_data import ChartInput, Marker, Point, Span
+
+__all__ = ["COLOURS", "ChartInput", "Marker", "Point", "Span", "render_svg"]
 
 # Text stays text (selectable, readable by assistive technology, smaller than glyph outlines);
 # a fixed hash salt makes the same data give the same SVG.
@@ -41,48 +47,6 @@ COLOURS = {
     "exchange": "#00838f",
     "unusable": "#7f7f7f",
 }
-
-
-@dataclass(frozen=True)
-class Point:
-    when: datetime
-    value: float
-
-
-@dataclass(frozen=True)
-class Marker:
-    when: datetime
-    label: str
-
-
-@dataclass(frozen=True)
-class Span:
-    start: datetime
-    end: datetime
-    label: str
-
-
-@dataclass(frozen=True)
-class ChartInput:
-    igm: tuple[Point, ...]
-    igm_threshold: float
-    viscosity_threshold: float
-    rise_percent: float
-    igm_unusable: tuple[Marker, ...] = ()
-    viscosity: tuple[Point, ...] = ()
-    doses: tuple[Marker, ...] = ()
-    courses: tuple[Span, ...] = ()
-    holds: tuple[Marker, ...] = ()
-    exchanges: tuple[Marker, ...] = ()
-    flare_window: Span | None = None
-    baseline: float | None = None
-
-    def dates(self) -> list[datetime]:
-        found = [p.when for p in (*self.igm, *self.viscosity)]
-        found += [m.when for m in (*self.igm_unusable, *self.doses, *self.holds, *self.exchanges)]
-        for span in (*self.courses, *([self.flare_window] if self.flare_window else [])):
-            found += [span.start, span.end]
-        return found
 
 
 def render_svg(chart: ChartInput, title: str) -> str:

@@ -15,10 +15,8 @@ import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-import requests
 
 from service.record.address_policy import (
     FhirServerPolicy,
@@ -27,6 +25,9 @@ from service.record.address_policy import (
     resolves_to_forbidden,
 )
 from service.settings import AppSettings, FhirSettings
+
+if TYPE_CHECKING:
+    import requests
 
 RESOURCES = (
     "Patient",
@@ -82,8 +83,9 @@ class SmartClient:
         self._fhir = fhir
         self._policy = FhirServerPolicy(fhir.allowed_servers)
         self._open = FhirServerPolicy(app.open_fhir_servers)
-        self._session = requests.Session()
-        self._session.trust_env = False  # no proxy or .netrc credentials from the environment
+        # Made on the first launch: requests (with urllib3) is a few MB a worker that serves only
+        # hooks from prefetch never needs.
+        self._session: requests.Session | None = None
 
     def checked_iss(self, iss: str | None) -> tuple[str, str]:
         """(normalised FHIR base to read from, `iss` as given for `aud`), or LaunchError if this
@@ -190,6 +192,12 @@ class SmartClient:
         return answer
 
     def _json(self, method: str, url: str, step: str, **kwargs: Any) -> dict[str, Any]:
+        import requests
+
+        if self._session is None:
+            session = requests.Session()
+            session.trust_env = False  # no proxy or .netrc credentials from the environment
+            self._session = session
         try:
             with self._session.request(
                 method,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from service.app.chart import ChartInput, Marker, Point, Span
+from service.app.chart_data import ChartInput, Marker, Point, Span
 from service.clinical.followup import BTK_REBOUND, POSSIBLE_PROGRESSION, FollowupFinding
 from service.clinical.history import Course, TreatmentHistory
 from service.clinical.observations import Reading, Unusable

@@ -11,18 +11,20 @@ import base64
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request
 
 from service.app.oauth import EHR_FAILED, LaunchError, Pkce, SmartClient, granted_patient
 from service.app.reading import FHIR_ID, read_timeline
-from service.app.sealed_state import SealedState
 from service.clinical.fhir_values import UnreadableData
 from service.record.gathering import DataUnavailable
 from service.settings import StorageSettings
 from service.storage.app_state import AppStateStore
 from service.storage.location import POSTGRESQL, storage_location
+
+if TYPE_CHECKING:
+    from service.app.sealed_state import SealedState
 
 log = logging.getLogger("flare_cds.app")
 bp = Blueprint(
@@ -45,6 +47,9 @@ class AppServices:
 
     def state(self) -> SealedState:
         if self._state is None:  # opened in the worker that uses it
+            # Imported here: cryptography is about 9 MB a worker serving only hooks never needs.
+            from service.app.sealed_state import SealedState
+
             self._state = SealedState(_state_store(self.runtime.settings.storage))
         return self._state
 

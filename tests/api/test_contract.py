@@ -1,4 +1,5 @@
-"""The fast contract check (jsonschema-rs) never accepts what the Python validator refuses."""
+"""The fast contract check (jsonschema-rs) never accepts what the Python validator refuses; the
+schemas requests are checked against are compiled at start, and only those."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.api.contract import Contract
+from service.api.contract import CHECKED_SCHEMAS, Contract
 from service.api.hooks import REQUEST_SCHEMAS
-from tests.conftest import all_fixture_names, load_fixture
+from tests.conftest import SERVICE_FOR_HOOK, all_fixture_names, load_fixture
 
 CONTRACT = Contract()
 FIXTURES = [load_fixture(name) for name in all_fixture_names()]
@@ -73,3 +74,20 @@ def test_every_fixture_passes_both(body: dict[str, Any]) -> None:
     schema = REQUEST_SCHEMAS[body["hook"]]
     assert CONTRACT.fast_validator(schema).is_valid(body)
     assert _python_problems(schema, body) == []
+
+
+def test_start_up_compiles_what_requests_are_checked_against_and_no_more(app: Any) -> None:
+    contract = app.extensions["flare_cds"].contract
+    compiled = (set(contract._fast), set(contract._validators))
+    assert compiled == (set(CHECKED_SCHEMAS), set(CHECKED_SCHEMAS))
+    # Every route that checks a body against the contract, valid bodies and invalid ones (these
+    # also reach the Python validator): none compiles a schema during the request.
+    client = app.test_client()
+    for hook, service_id in SERVICE_FOR_HOOK.items():
+        valid = next(load_fixture(n) for n in all_fixture_names(hook))
+        for body, status in ((valid, 200), ({"hook": hook}, 400)):
+            response = client.post(f"/cds-services/{service_id}", json=body)
+            assert response.status_code == status, response.get_data(as_text=True)[:300]
+    response = client.post(f"/cds-services/{SERVICE_FOR_HOOK['order-sign']}/feedback", json={})
+    assert response.status_code == 400
+    assert (set(contract._fast), set(contract._validators)) == compiled

@@ -6,7 +6,8 @@ string of escaped quotes left unclosed, retried from every quote: 80 kB took 21 
 
 What it answers is pinned two ways: on JSON, against the depth of what the parser returns; on
 any bytes at all (malformed JSON is left to the parser), against that regex, whose cost does not
-matter on short inputs.
+matter on short inputs. Its memory is bounded too: it works on slices, so a body of many short
+strings does not cost tens of times its size.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -178,3 +180,83 @@ def test_on_broken_json_the_check_finds_the_brackets_the_regex_found(
     expected = reference_shape(raw)
     assert middleware._bracket_shape(raw) == expected
     assert middleware._bracket_shape_scanned(raw) == expected
+
+
+@FUZZ
+@given(
+    raw=NOT_QUITE_JSON | JSON_VALUES.map(lambda v: json.dumps(v).encode()), size=st.integers(1, 9)
+)
+def test_slices_of_any_size_find_the_same_brackets(raw: bytes, size: int) -> None:
+    # Slices of a few bytes, so that slices end inside strings, at quotes and after them.
+    expected = reference_shape(raw)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(middleware, "_JOIN_SLICE_BYTES", size)
+        assert middleware._bracket_shape(raw) == expected
+        assert middleware._bracket_shape_scanned(raw) == expected
+
+
+def test_a_long_body_is_read_in_many_slices_with_the_same_answer() -> None:
+    strings = [piece * n for n in range(400) for piece in ('"[', "\\]", "{}", "é")]
+    raw = json.dumps({"a": strings, "b": [[{"c": s}] for s in strings]}).encode()
+    assert len(raw) > 20 * middleware._JOIN_SLICE_BYTES
+    expected = reference_shape(raw)
+    assert middleware._bracket_shape(raw) == expected
+    assert middleware._bracket_shape_scanned(raw) == expected
+    assert json_nesting_exceeds(raw, 3) and not json_nesting_exceeds(raw, 4)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" + b'"",' * 350_000 + b'""]',  # JSON: empty strings
+        b'\\[""' + b',""' * 350_000 + b"]",  # a stray backslash, then empty strings
+    ],
+    ids=["strings", "stray backslash, then strings"],
+)
+def test_a_body_of_short_strings_costs_a_few_times_its_size(raw: bytes) -> None:
+    # Joined all at once, the pieces between quotes took over 30 times the body (80 bytes per
+    # piece in bytes.join and in re.sub): 5 MB of empty strings, 170 MB.
+    tracemalloc.start()
+    try:
+        middleware._bracket_shape(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * len(raw), f"{peak / len(raw):.1f} times the body"
+
+
+# -- the container cap grows with the body size limit ------------------------------------------
+
+
+def test_the_container_cap_scales_with_the_body_limit_and_never_drops() -> None:
+    assert middleware.max_json_containers(5 * 1024 * 1024) == middleware.MAX_JSON_CONTAINERS
+    assert middleware.max_json_containers(1000) == middleware.MAX_JSON_CONTAINERS
+    assert middleware.max_json_containers(16 * 1024 * 1024) == 320_000
+
+
+def test_a_6000_result_chart_within_a_raised_limit_is_answered(tmp_path: Any) -> None:
+    """121,000 objects and arrays of real FHIR in 6.3 MB: past the default cap, within the one
+    for a 16 MiB limit, so the call gets its card instead of a 413."""
+    from bench.growth import MAX_BODY_BYTES, build_growth_workloads
+    from service import create_app
+    from tests.conftest import test_settings
+
+    workload = build_growth_workloads()[-1]
+    body = workload.body_bytes()
+    containers = middleware._bracket_shape(body).count(b"[")
+    assert (
+        middleware.MAX_JSON_CONTAINERS < containers < middleware.max_json_containers(MAX_BODY_BYTES)
+    )
+    app = create_app(test_settings(tmp_path, http={"max_body_bytes": MAX_BODY_BYTES}))
+    answer = app.test_client().post(workload.path, data=body, content_type="application/json")
+    assert answer.status_code == 200, answer.get_data(as_text=True)[:300]
+    cards = answer.get_json()["cards"]
+    assert [(c["indicator"], c["source"]["topic"]["code"]) for c in cards] == [
+        ("warning", "igm-high")
+    ]
+    # Past the raised cap, the same kind of body is still refused before it is parsed.
+    padded = body.replace(b'"entry": [', b'"entry": [' + b"{}," * 200_000, 1)
+    assert padded != body
+    refused = app.test_client().post(workload.path, data=padded, content_type="application/json")
+    assert refused.status_code == 413
+    assert "at most 320000 are accepted" in refused.get_json()["message"]
