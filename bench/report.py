@@ -184,7 +184,7 @@ def _search_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "## Baseline server settings",
         "",
         "The bare app under each candidate, on the first full-prefetch body; the one with the "
-        "highest worst-case throughput is the baseline above.",
+        "highest throughput at its worst level of 8 connections or more is the baseline above.",
         "",
         "| Settings | " + " | ".join(f"req/s at {c} conn" for c in levels) + " | Chosen |",
         "|---|" + "---:|" * len(levels) + "---|",
