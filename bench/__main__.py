@@ -30,7 +30,7 @@ from bench.growth import (
 )
 from bench.loadgen import WrkFailed, WrkMissing, find_wrk, wrk_version
 from bench.report import evaluate_targets, machine_info, render_markdown, write_json
-from bench.runner import LoadSettings, WorkloadBroken, check_baseline, run_workload
+from bench.runner import LoadSettings, WorkloadBroken, run_workload
 from bench.servers import ServerError, service_config, service_server
 from bench.stages import format_rows, run_stages
 from bench.workloads import build_workloads, fhir_server_resources
@@ -251,18 +251,14 @@ def _search_baseline(
 ) -> tuple[Candidate, list[dict[str, Any]]]:
     """Measure the baseline app under each candidate setting on the first full-prefetch body."""
     workload = next((w for w in workloads if not w.uses_fhir_server), workloads[0])
-    body = workload.body_bytes()
     body_file = workdir / f"{workload.name}.json"
-    body_file.write_bytes(body)
-    with Candidate("sync", 1).process(workdir) as probe:
-        expect = check_baseline(probe.url, workload, body)
+    body_file.write_bytes(workload.body_bytes())
     return search(
         candidates(args.workers, os.cpu_count() or 1),
         workdir,
         settings.wrk,
-        workload.path,
+        workload,
         body_file,
-        expect,
         settings.connections,
         args.duration,
         settings.close,

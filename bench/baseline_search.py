@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import run_wrk
+from bench.report import SATURATED_CONNECTIONS
+from bench.runner import check_baseline
 from bench.servers import ServerProcess, baseline_server
-
-SATURATED_CONNECTIONS = 8  # as bench.report: from here on both servers are CPU-bound
+from bench.workloads import Workload
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,22 @@ def search(
     options: Sequence[Candidate],
     workdir: Path,
     wrk: str,
-    path: str,
+    workload: Workload,
     body_file: Path,
-    expect: str,
     connections: Sequence[int],
     seconds: int,
     close: bool = True,
     progress: Callable[[str], None] = print,
 ) -> tuple[Candidate, list[dict[str, Any]]]:
-    """The fastest candidate, and what each one measured (req/s per concurrency level)."""
+    """The fastest candidate, and what each one measured (req/s per concurrency level). Each
+    candidate's answer to `workload` is checked before it is loaded."""
     rows = []
     best: tuple[float, Candidate] | None = None
+    body = body_file.read_bytes()
     for candidate in options:
         with candidate.process(workdir) as server:
-            url = f"{server.url}{path}"
+            expect = check_baseline(server.url, workload, body)
+            url = f"{server.url}{workload.path}"
             run_wrk(wrk, url, body_file, expect, max(connections), 1, close=close)  # warm-up
             rates = {}
             for level in connections:

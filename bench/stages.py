@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.growth import MAX_BODY_BYTES
+from bench.servers import service_config
 from bench.workloads import Workload, build_workloads
 
 # (stage, module, attribute): the attribute is looked up through the module at call time, so
@@ -86,17 +88,12 @@ class StageClock:
 
 
 def _client(workdir: Path) -> Any:
+    """The app as the bench serves it (bench.servers.service_config), as a test client."""
     from service import create_app
     from service.settings import load_settings
 
-    config = workdir / "flare-cds.toml"
-    config.write_text(
-        f'[storage]\ndatabase = "{workdir / "stages.sqlite3"}"\n\n[http]\n'
-        "max_body_bytes = 16777216\n",
-        "utf-8",
-    )
-    settings = load_settings(config, environ={})
-    return create_app(settings).test_client()
+    config = service_config(workdir, "http://127.0.0.1:9/fhir", 1.0, MAX_BODY_BYTES)
+    return create_app(load_settings(config, environ={})).test_client()
 
 
 def measure(client: Any, workload: Workload, calls: int) -> dict[str, Any]:
