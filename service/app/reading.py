@@ -15,6 +15,7 @@ from typing import Any
 
 from service.api.runtime import Runtime
 from service.app.chart_data import ChartInput
+from service.app.drawing import draw_svg
 from service.app.series import chart_input
 from service.cards.followup_cards import render_followup_card
 from service.cards.markdown import day, mg_dl
@@ -126,11 +127,7 @@ def judge(runtime: Runtime, record: PatientRecord, linked_finding: str | None) -
         findings=findings,
         rules=rules,
     )
-    # Matplotlib (with numpy and Pillow, tens of MB) loads on the first chart drawn, not with
-    # the app: a worker that serves only hooks never needs it.
-    from service.app.chart import render_svg
-
-    svg = render_svg(chart, f"Serum IgM and viscosity, patient {record.patient_id}")
+    svg = draw_svg(chart, f"Serum IgM and viscosity, patient {record.patient_id}")
     rows = _rows(labs.igm_series, all_unusable, visc_readings, visc_unusable)
     summary = _text_alternative(labs.igm_series, all_unusable, visc_readings, history, chart, rules)
     return Timeline(
