@@ -111,8 +111,7 @@ class Reading:
     @cached_property
     def reference_high(self) -> float | None:
         """The laboratory's upper reference limit, in the same scale as `normalised`, if given."""
-        known = _IGM_FACTORS_LOWER if self.kind == "igm" else VISCOSITY_UNITS
-        return _reference_high(self.reference_ranges, self.kind, known)
+        return _reference_high(self.reference_ranges, self.kind)
 
     @property
     def reported(self) -> str:
@@ -198,7 +197,7 @@ def classify(
     """
     readings: list[Reading] = []
     unusable: list[Unusable] = []
-    known = _IGM_FACTORS_LOWER if kind == "igm" else VISCOSITY_UNITS
+    known = _known_units(kind)
     for resource in resources:
         status = resource.get("status")
         if not isinstance(status, str) or status not in USABLE_STATUSES:
@@ -263,7 +262,12 @@ def _risk(reading: Reading) -> float:
     return -math.inf if reading.comparator in ("<", "<=") else reading.normalised
 
 
-def _reference_high(ranges: Any, kind: str, known: Mapping[str, Any]) -> float | None:
+def _known_units(kind: str) -> Mapping[str, Any]:
+    """The units a result of this kind may come in: factors to mg/dL (IgM), names (viscosity)."""
+    return _IGM_FACTORS_LOWER if kind == "igm" else VISCOSITY_UNITS
+
+
+def _reference_high(ranges: Any, kind: str) -> float | None:
     """The first reference range's upper limit, on the scale the rules compare (mg/dL for IgM)."""
     for reference_range in objects(ranges):
         high = reference_range.get("high")
@@ -277,7 +281,9 @@ def _reference_high(ranges: Any, kind: str, known: Mapping[str, Any]) -> float |
         code = field(high, "code")
         unit = field(high, "unit")
         entry, _ = _resolve_unit(
-            code if isinstance(code, str) else "", unit if isinstance(unit, str) else "", known
+            code if isinstance(code, str) else "",
+            unit if isinstance(unit, str) else "",
+            _known_units(kind),
         )
         if entry is None:
             return None
