@@ -34,9 +34,11 @@ _LONG_DIGIT_RUN = b"0" * 19
 
 
 def loads(data: bytes | str) -> Any:
-    if isinstance(data, str) or len(data) < LARGE_BODY_BYTES:
-        return orjson.loads(data)
-    if _LONG_DIGIT_RUN in data.translate(_DIGITS_AS_ZEROS):
+    if (
+        isinstance(data, str)
+        or len(data) < LARGE_BODY_BYTES
+        or _LONG_DIGIT_RUN in data.translate(_DIGITS_AS_ZEROS)
+    ):
         return orjson.loads(data)
     try:
         return _MSGSPEC.decode(data)

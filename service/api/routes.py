@@ -71,13 +71,12 @@ def call_service(service_id: str) -> Response:
     g.log_fields = {"service": service_id, "cards": [c.finding for c in result.cards]}
     for c in result.cards:
         metrics.CARDS.labels(c.finding, c.indicator).inc()
-    if result.cards:
-        _record_issued(rt, service_id, definition.hook, result)
+    if not result.cards:
+        return jsonify({"cards": []})
+    _record_issued(rt, service_id, definition.hook, result)
     from service.app.links import timeline_target
     from service.cards.links import with_timeline_link
 
-    if not result.cards:
-        return jsonify({"cards": []})
     target = timeline_target(rt.settings, body, result.patient_id)
     return jsonify({"cards": [with_timeline_link(c.card, c.finding, target) for c in result.cards]})
 
