@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     )
     names = [n.strip() for n in args.workloads.split(",")] if args.workloads else None
     results: list[dict[str, Any]] = []
-    with FhirTestServer() as fhir:
+    with FhirTestServer(keep_alive=True) as fhir:
         fhir.add_resources(fhir_server_resources())
         fhir.delay_seconds = args.fhir_delay_ms / 1000
         fhir.cache_answers = True  # its own CPU must not be what limits the no-prefetch workload

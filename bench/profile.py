@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wrk = find_wrk()
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    with FhirTestServer() as fhir:
+    with FhirTestServer(keep_alive=True) as fhir:
         fhir.add_resources(fhir_server_resources())
         fhir.delay_seconds = 0.05
         (workload,) = build_workloads(fhir.base_url, [args.workload])

@@ -226,7 +226,8 @@ def render_markdown(document: dict[str, Any]) -> str:
         f"measured with `wrk -t{settings['wrk_threads']} -c<conn> --latency`, "
         f"connections: {settings['connection']}" + (" (quick mode)" if settings["quick"] else ""),
         f"- No-prefetch workload: loopback FHIR server adding {settings['fhir_delay_ms']:g} ms "
-        f"per query; `[fhir] deadline_seconds = {settings['fhir_deadline_s']:g}`",
+        "per query and keeping HTTP/1.1 connections open, as production FHIR servers do; "
+        f"`[fhir] deadline_seconds = {settings['fhir_deadline_s']:g}`",
         "",
         "## Throughput and latency",
         "",

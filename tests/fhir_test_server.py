@@ -12,13 +12,15 @@ mapping, or (for the on/off faults) a set of types: `server.fail_status = {"Obse
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 from werkzeug.datastructures import MultiDict
 from werkzeug.serving import WSGIRequestHandler, make_server
@@ -49,6 +51,90 @@ class RecordedRequest:
 class _QuietHandler(WSGIRequestHandler):
     def log_request(self, *args: Any, **kwargs: Any) -> None:
         """One log line per request would drown test output."""
+
+
+class _KeepAliveHandler(BaseHTTPRequestHandler):
+    """The same WSGI app behind HTTP/1.1 persistent connections, as production FHIR servers keep
+    them. Werkzeug's server closes after every answer (it drains the socket, which would eat the
+    next request), so every query would pay a new TCP connection that a real server spares."""
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle's algorithm the body would wait
+    # for the client's delayed ACK (40 ms) on every answer.
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """One log line per request would drown test output."""
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def _serve(self) -> None:
+        path, _, query = self.path.partition("?")
+        length = int(self.headers.get("Content-Length") or 0)
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": self.command,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": unquote(path, "latin-1"),
+            "QUERY_STRING": query,
+            "SERVER_NAME": self.server.server_address[0],
+            "SERVER_PORT": str(self.server.server_address[1]),
+            "SERVER_PROTOCOL": self.request_version,
+            "REMOTE_ADDR": self.client_address[0],
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(length),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(self.rfile.read(length) if length else b""),
+            "wsgi.errors": io.StringIO(),
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        for name, value in self.headers.items():
+            key = "HTTP_" + name.upper().replace("-", "_")
+            if key not in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+                environ[key] = value
+        answer: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc: Any = None) -> Any:
+            answer[:] = [status, headers]
+            return self.wfile.write
+
+        body = self.server.app(environ, start_response)  # type: ignore[attr-defined]
+        try:
+            status, headers = answer
+            self.send_response(int(status.split(" ", 1)[0]), status.split(" ", 1)[1])
+            chunks: Iterable[bytes] = body
+            if not any(name.lower() == "content-length" for name, _ in headers):
+                data = b"".join(body)
+                headers = [*headers, ("Content-Length", str(len(data)))]
+                chunks = (data,)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            for chunk in chunks:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+
+class _KeepAliveServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], app: Any) -> None:
+        super().__init__(address, _KeepAliveHandler)
+        self.app = app
+        self.connections_opened = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections_opened += 1  # on the serving thread only
+        super().process_request(request, client_address)
 
 
 def _fault(setting: Any, resource_type: str) -> Any:
@@ -146,8 +232,18 @@ def _matches(resource: dict[str, Any], args: MultiDict[str, str]) -> bool:
 class FhirTestServer:
     """`with FhirTestServer() as fhir:` serves `fhir.base_url` until the block ends."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, base_path: str = "/fhir") -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        base_path: str = "/fhir",
+        *,
+        keep_alive: bool = False,
+    ) -> None:
         self.host = host
+        # Off by default: the client's tests then see a new connection for every request, the
+        # hardest case for its deadlines. The benchmark keeps connections, as real servers do.
+        self.keep_alive = keep_alive
         self.base_path = base_path.rstrip("/")
         self._port = port
         self._lock = threading.Lock()
@@ -183,9 +279,12 @@ class FhirTestServer:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> FhirTestServer:
-        self._server = make_server(
-            self.host, self._port, self._app, threaded=True, request_handler=_QuietHandler
-        )
+        if self.keep_alive:
+            self._server = _KeepAliveServer((self.host, self._port), self._app)
+        else:
+            self._server = make_server(
+                self.host, self._port, self._app, threaded=True, request_handler=_QuietHandler
+            )
         self._port = self._server.server_port
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -213,6 +312,13 @@ class FhirTestServer:
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def connections_opened(self) -> int:
+        """TCP connections accepted so far (keep-alive mode only: the other closes each one)."""
+        if not self.keep_alive:
+            raise RuntimeError("connections are counted only with keep_alive=True")
+        return int(self._server.connections_opened)
 
     @property
     def origin(self) -> str:

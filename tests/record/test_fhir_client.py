@@ -224,6 +224,25 @@ def test_queries_run_concurrently(fhir: FhirTestServer, make_fetcher: Any) -> No
     assert elapsed < 0.3 * 2.2  # close to the slowest query, far from the 1.2 s sum
 
 
+def test_connections_are_kept_between_queries_and_calls(make_fetcher: Any) -> None:
+    # A server that keeps connections open (as production FHIR servers do) must not be sent a
+    # new TCP connection per query: that is a handshake each time, and gevent's resolver thread.
+    queries = {
+        "patient": "Patient/p1",
+        "igm": f"Observation?patient=p1&code={LOINC_IGM}",
+        "meds": "MedicationRequest?patient=p1",
+    }
+    with FhirTestServer(keep_alive=True) as server:
+        server.add_resources(RESOURCES)
+        fetcher = make_fetcher()
+        for _ in range(5):
+            outcomes = fetcher.fetch_all(server.base_url, TOKEN, queries)
+            assert all(o.ok for o in outcomes.values()), outcomes
+        assert len(server.requests) == 15
+        # At most one connection per query running at once, reused by the next calls.
+        assert server.connections_opened <= len(queries)
+
+
 # -- server failures ---------------------------------------------------------------------------
 
 
