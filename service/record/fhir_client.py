@@ -26,8 +26,14 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import orjson
-import requests
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import (
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    SSLError,
+)
+from urllib3.exceptions import TimeoutError as HTTPTimeoutError
+from urllib3.util import Timeout
 
 # FhirServerRefused is re-exported: it is part of this module's API (gathering catches it).
 from service import metrics
@@ -41,7 +47,7 @@ from service.record.address_policy import (
 
 # Bound under this module's name on purpose: tests patch `fhir_client._resolves_to_forbidden`.
 from service.record.address_policy import resolves_to_forbidden as _resolves_to_forbidden
-from service.record.fhir_http import ForbiddenPeerError, QueryScope, new_session
+from service.record.fhir_http import NO_RETRIES, ForbiddenPeerError, QueryScope, new_pool_manager
 from service.settings import FhirSettings
 
 log = logging.getLogger(__name__)
@@ -90,15 +96,14 @@ class _FetchError(Exception):
 class FhirFetcher:
     """Runs prefetch queries concurrently against a client's FHIR server.
 
-    One instance serves the whole process: its session pools connections and its thread pool
-    lives as long as it does. Call close() when done.
+    One instance serves the whole process: its pool manager keeps connections and its thread
+    pool lives as long as it does. Call close() when done.
     """
 
-    def __init__(self, settings: FhirSettings, *, session: requests.Session | None = None) -> None:
+    def __init__(self, settings: FhirSettings) -> None:
         self._settings = settings
         self._policy = FhirServerPolicy(settings.allowed_servers)
-        self._owns_session = session is None
-        self._session = session or new_session(settings.pool_size)
+        self._http = new_pool_manager(settings.pool_size)
         # One bounded pool per FHIR origin: a server that stalls fills only its own.
         self._pools: OrderedDict[Origin, ThreadPoolExecutor] = OrderedDict()
         self._pools_lock = threading.Lock()
@@ -120,8 +125,7 @@ class FhirFetcher:
         for pool in pools:
             pool.shutdown(wait=False, cancel_futures=True)
         self._resolver.shutdown(wait=False, cancel_futures=True)
-        if self._owns_session:
-            self._session.close()
+        self._http.clear()
 
     def check_server(self, fhir_server: str) -> None:
         """Raise FhirServerRefused unless this service may call `fhir_server`."""
@@ -249,7 +253,7 @@ class FhirFetcher:
                 return _merged(first, entries), status
             next_url = urljoin(url, next_url)
             if "@" in urlsplit(next_url).netloc:
-                # requests would send the user:password in it as Basic credentials.
+                # Credentials in a link are not this service's to send anywhere.
                 raise _FetchError("next link with user credentials not followed", status)
             # The token must never travel to, nor data be taken from, another origin.
             if origin_of(next_url) != origin_of(base):
@@ -284,32 +288,54 @@ class FhirFetcher:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _FetchError(self._deadline_reason())
-        headers = {"Accept": FHIR_JSON}
+        headers = {"Accept": FHIR_JSON, "Accept-Encoding": "gzip, deflate"}
         if token and origin_of(url) == origin_of(base):
             headers["Authorization"] = f"Bearer {token}"
         settings = self._settings
         # Capped by what is left of the deadline so no worker outlives the call by much.
-        timeout = (
-            min(settings.connect_timeout_seconds, remaining),
-            min(settings.read_timeout_seconds, remaining),
+        timeout = Timeout(
+            connect=min(settings.connect_timeout_seconds, remaining),
+            read=min(settings.read_timeout_seconds, remaining),
         )
+        response = None
         try:
-            with self._session.get(
-                url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
-            ) as response:
-                return response.status_code, _read_body(response, deadline, self._deadline_reason())
-        except requests.Timeout:
-            raise _FetchError(self._timeout_reason(deadline)) from None
-        except requests.ConnectionError as exc:
-            cause = exc.args[0] if exc.args else None
-            if isinstance(cause, ReadTimeoutError):  # a timeout while streaming the body
-                raise _FetchError(self._timeout_reason(deadline)) from None
-            if isinstance(getattr(cause, "reason", None), ForbiddenPeerError):
-                reason = "FHIR server address is link-local or metadata; not contacted"
-                raise _FetchError(reason) from None
+            response = self._http.urlopen(
+                "GET",
+                url,
+                headers=headers,
+                timeout=timeout,
+                retries=NO_RETRIES,
+                redirect=False,
+                preload_content=False,
+            )
+            chunks, size = [], 0
+            for chunk in response.stream(64 * 1024):
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    raise _FetchError("response is too large", response.status)
+                if time.monotonic() > deadline:
+                    raise _FetchError(self._deadline_reason(), response.status)
+                chunks.append(chunk)
+            body, status, answered = b"".join(chunks), response.status, response
+            response = None
+            answered.release_conn()  # read to the end: the connection serves the next query
+            return status, body
+        except ForbiddenPeerError:
+            reason = "FHIR server address is link-local or metadata; not contacted"
+            raise _FetchError(reason) from None
+        # Before timeouts: urllib3's NewConnectionError is also a TimeoutError.
+        except (NewConnectionError, ProtocolError, SSLError) as exc:
+            if response is not None and isinstance(exc, ProtocolError):  # cut short mid-body
+                raise _FetchError("request to the FHIR server failed") from None
             raise _FetchError("could not connect to the FHIR server") from None
-        except requests.RequestException:
+        except HTTPTimeoutError:
+            raise _FetchError(self._timeout_reason(deadline)) from None
+        except HTTPError:  # e.g. a body that does not decode
             raise _FetchError("request to the FHIR server failed") from None
+        finally:
+            if response is not None:  # a half-read connection must not go back to the pool
+                response.close()
+                response.release_conn()
 
     def _timeout_reason(self, deadline: float) -> str:
         if time.monotonic() >= deadline - 0.01:
@@ -320,19 +346,6 @@ class FhirFetcher:
 def _counted(outcomes: dict[str, FetchOutcome]) -> dict[str, FetchOutcome]:
     metrics.count_fhir_outcomes(o.error for o in outcomes.values())
     return outcomes
-
-
-def _read_body(response: requests.Response, deadline: float, timed_out: str) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_content(chunk_size=64 * 1024):
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise _FetchError("response is too large", response.status_code)
-        if time.monotonic() > deadline:
-            raise _FetchError(timed_out, response.status_code)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _classify(query: str) -> tuple[bool, str, str]:

@@ -1,7 +1,7 @@
 """Libraries only some routes use are loaded when first used, never by creating the app.
 
 A hook worker that never draws a chart or starts a SMART launch must not carry matplotlib (with
-numpy and Pillow), requests or cryptography: together about 60 MB per worker. Each check runs in
+numpy and Pillow), an HTTP client or cryptography: together about 60 MB per worker. Each check runs in
 a fresh interpreter, since in the test process other tests have long since loaded them all.
 """
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAZY = {
     "service.app.chart": ("matplotlib", "numpy", "PIL"),
     "service.app.sealed_state": ("cryptography",),
-    "service.record.fhir_client": ("requests", "urllib3"),
+    "service.record.fhir_client": ("urllib3", "certifi"),
 }
 LOADED_BY_APP_THEN_BY_MODULE = """
 import importlib, json, sys

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
+import ipaddress
 import json
 import logging
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,6 +245,80 @@ def test_connections_are_kept_between_queries_and_calls(make_fetcher: Any) -> No
         assert len(server.requests) == 15
         # At most one connection per query running at once, reused by the next calls.
         assert server.connections_opened <= len(queries)
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_https_server_with_an_untrusted_certificate_is_not_sent_the_query(
+    tmp_path: Path, make_fetcher: Any
+) -> None:
+    # The token and the patient's query go only to a server whose certificate chains to a
+    # trusted authority; a self-signed one (a man in the middle, or a misconfigured server)
+    # ends the query at the handshake.
+    cert_path, key_path = _self_signed_certificate(tmp_path)
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"https://127.0.0.1:{server.server_address[1]}/fhir"
+        outcome = make_fetcher().fetch_all(base, TOKEN, {"p": "Patient/p1"})["p"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not outcome.ok
+    assert outcome.error == "could not connect to the FHIR server"
+    assert seen == []
 
 
 # -- server failures ---------------------------------------------------------------------------
