@@ -41,5 +41,5 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # Werkzeug's access log repeats the request line; ours carries the request id instead.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    # Its debug lines name each FHIR query, and a query names the patient.
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # Its debug and warning lines may name a FHIR query, and a query names the patient.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)

@@ -67,9 +67,12 @@ class _KeepAliveHandler(BaseHTTPRequestHandler):
         """One log line per request would drown test output."""
 
     def do_GET(self) -> None:
-        self._serve()
+        try:
+            self._serve()
+        except ConnectionError:
+            self.close_connection = True  # the client gave up (a deadline): not a server error
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
     def _serve(self) -> None:
         path, _, query = self.path.partition("?")
@@ -115,7 +118,7 @@ class _KeepAliveHandler(BaseHTTPRequestHandler):
             for name, value in headers:
                 self.send_header(name, value)
             self.end_headers()
-            for chunk in chunks:
+            for chunk in chunks if self.command != "HEAD" else ():
                 self.wfile.write(chunk)
                 self.wfile.flush()
         finally:

@@ -318,7 +318,7 @@ class FhirFetcher:
                 chunks.append(chunk)
             body, status, answered = b"".join(chunks), response.status, response
             response = None
-            answered.release_conn()  # read to the end: the connection serves the next query
+            answered.release_conn()  # read to the end (urllib3 may have released it already)
             return status, body
         except ForbiddenPeerError:
             reason = "FHIR server address is link-local or metadata; not contacted"

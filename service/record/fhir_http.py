@@ -54,6 +54,13 @@ class QueryScope:
         if cancelled:
             _shut(sock)
 
+    def detach(self, sock: socket.socket) -> bool:
+        """Forget a socket handed back to the pool; False if the query was already cut off (the
+        socket may be shut down)."""
+        with self._lock:
+            self._sockets = [s for s in self._sockets if s is not sock]
+            return not self.cancelled
+
     def cancel(self) -> None:
         """Shut down every socket the query holds: a blocked read or write returns at once."""
         with self._lock:
@@ -70,10 +77,21 @@ def _shut(sock: socket.socket) -> None:
         pass  # already closed
 
 
-def _attach(sock: socket.socket | None) -> None:
+def _attach(conn: HTTPConnection, sock: socket.socket | None) -> None:
     scope = QueryScope.current()
     if scope is not None:
+        conn._query_scope = scope  # type: ignore[attr-defined]
         scope.attach(sock)
+
+
+def _reusable(conn: HTTPConnection) -> bool:
+    """Whether a connection handed back to the pool may serve another query.
+
+    Its query forgets its socket first: cutting that query off later (its call's deadline)
+    must not shut a socket that a query of another call has taken from the pool meanwhile.
+    """
+    scope = conn.__dict__.pop("_query_scope", None)
+    return scope is None or conn.sock is None or scope.detach(conn.sock)
 
 
 def _peer_forbidden(address: str) -> bool:  # separate so tests can exercise the connect guard
@@ -95,30 +113,37 @@ def _guard(conn: HTTPConnection, sock: socket.socket) -> socket.socket:
 class _GuardedHTTPConnection(HTTPConnection):
     def _new_conn(self) -> socket.socket:
         sock = _guard(self, super()._new_conn())
-        _attach(sock)
+        _attach(self, sock)
         return sock
 
     def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self.sock)  # a pooled connection: this request belongs to the query sending it
+        _attach(self, self.sock)  # a pooled connection: this request is the sending query's
         super().request(*args, **kwargs)
 
 
 class _GuardedHTTPSConnection(HTTPSConnection):
     def _new_conn(self) -> socket.socket:  # same guard; HTTPS does not inherit the one above
         sock = _guard(self, super()._new_conn())
-        _attach(sock)
+        _attach(self, sock)
         return sock
 
     def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self.sock)
+        _attach(self, self.sock)
         super().request(*args, **kwargs)
 
 
-class _GuardedHTTPPool(HTTPConnectionPool):
+class _ScopedPool:
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None and not _reusable(conn):
+            conn.close()  # pooled closed, it reconnects when next taken
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _GuardedHTTPPool(_ScopedPool, HTTPConnectionPool):
     ConnectionCls = _GuardedHTTPConnection
 
 
-class _GuardedHTTPSPool(HTTPSConnectionPool):
+class _GuardedHTTPSPool(_ScopedPool, HTTPSConnectionPool):
     ConnectionCls = _GuardedHTTPSConnection
 
 

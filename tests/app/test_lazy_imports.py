@@ -1,8 +1,8 @@
 """Libraries only some routes use are loaded when first used, never by creating the app.
 
 A hook worker that never draws a chart or starts a SMART launch must not carry matplotlib (with
-numpy and Pillow), an HTTP client or cryptography: together about 60 MB per worker. Each check runs in
-a fresh interpreter, since in the test process other tests have long since loaded them all.
+numpy and Pillow), an HTTP client or cryptography: together about 60 MB per worker. Each check
+runs in a fresh interpreter, since in the test process other tests have long since loaded them.
 """
 
 from __future__ import annotations

@@ -321,6 +321,42 @@ def test_https_server_with_an_untrusted_certificate_is_not_sent_the_query(
     assert seen == []
 
 
+def test_cutting_off_a_query_spares_the_query_that_reused_its_connection() -> None:
+    # Query A's connection goes back to the pool while A's call is still running; query B of
+    # another call takes it. When A's call reaches its deadline and cuts A off, B's request on
+    # that same socket must go on.
+    with FhirTestServer(keep_alive=True) as server:
+        server.add_resources(RESOURCES)
+        server.delay_seconds = {"Observation": 0.4}
+        manager = fhir_http.new_pool_manager(1)  # one connection: B must reuse A's
+        url = server.base_url
+
+        def get(path: str) -> Any:
+            response = manager.urlopen("GET", url + path, retries=fhir_http.NO_RETRIES)
+            return response.status, json.loads(response.data)
+
+        a = fhir_http.QueryScope()
+        with a:
+            assert get("/Patient/p1")[0] == 200
+            answers: list[Any] = []
+
+            def query_b() -> None:
+                with fhir_http.QueryScope():
+                    try:
+                        answers.append(get("/Observation?patient=p1"))
+                    except Exception as exc:
+                        answers.append(exc)
+
+            other_call = threading.Thread(target=query_b)
+            other_call.start()
+            time.sleep(0.15)  # B is waiting for its answer on the pooled connection
+            a.cancel()
+            other_call.join(timeout=5)
+        assert server.connections_opened == 1
+        ((status, bundle),) = answers
+        assert status == 200 and bundle["resourceType"] == "Bundle"
+
+
 # -- server failures ---------------------------------------------------------------------------
 
 
