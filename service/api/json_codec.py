@@ -9,11 +9,20 @@ objects; msgspec builds the objects directly, at the same speed. Both read the s
 same way, with two exceptions handled here: integers beyond 64 bits (orjson reads them as
 floats, msgspec exactly) go to orjson, and so does any body msgspec refuses, so that an error
 is orjson's, with its line and column.
+
+A large hook request is also read lean: each resource in its prefetch Bundles is decoded on
+its own and kept without the fields the caller names as never read (`prune`), and the memory
+the C heap freed while the body was read is handed back first. On a 6.6 MB chart the worker's
+peak went from 115 to 95 MB.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import msgspec
@@ -33,17 +42,78 @@ _DIGITS_AS_ZEROS = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
 _LONG_DIGIT_RUN = b"0" * 19
 
 
-def loads(data: bytes | str) -> Any:
+_FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def loads(data: bytes | str, prune: frozenset[str] = frozenset()) -> Any:
+    """The JSON value of `data`; from LARGE_BODY_BYTES on, the fields in `prune` are left out of
+    every resource in the Bundles under the body's "prefetch" (see the module's docstring)."""
     if (
         isinstance(data, str)
         or len(data) < LARGE_BODY_BYTES
         or _LONG_DIGIT_RUN in data.translate(_DIGITS_AS_ZEROS)
     ):
         return orjson.loads(data)
+    _release_freed_heap()
     try:
-        return _MSGSPEC.decode(data)
+        return _pruned_request(data, prune) if prune else _MSGSPEC.decode(data)
     except (msgspec.DecodeError, RecursionError):
         return orjson.loads(data)  # its error, or its reading where msgspec is stricter
+
+
+def _object_of(raw: Any, value_of: Callable[[str, Any], Any]) -> Any:
+    """`raw` as a JSON object whose values `value_of(key, raw value)` decodes; any other JSON
+    value decoded as it is."""
+    try:
+        fields = _FIELDS.decode(raw)
+    except msgspec.ValidationError:
+        return _MSGSPEC.decode(raw)
+    return {key: value_of(key, value) for key, value in fields.items()}
+
+
+def _pruned_request(data: bytes, prune: frozenset[str]) -> Any:
+    def entries(raw: Any) -> Any:
+        try:
+            items = _ITEMS.decode(raw)
+        except msgspec.ValidationError:
+            return _MSGSPEC.decode(raw)
+        kept = []
+        for item in items:  # one entry's full objects at a time
+            entry = _MSGSPEC.decode(item)
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and not prune.isdisjoint(resource):
+                entry["resource"] = {k: v for k, v in resource.items() if k not in prune}
+            kept.append(entry)
+        return kept
+
+    def bundle(key: str, raw: Any) -> Any:
+        return _object_of(raw, lambda k, v: entries(v) if k == "entry" else _MSGSPEC.decode(v))
+
+    return _object_of(
+        data, lambda k, v: _object_of(v, bundle) if k == "prefetch" else _MSGSPEC.decode(v)
+    )
+
+
+def _release_freed_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc only).
+
+    Reading a large body leaves copies of it freed but kept by malloc (its threshold for
+    returning memory rises with the largest block freed), and the parsed objects then come on
+    top of them: about 9 MB of a 6.6 MB chart's peak.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@cache
+def _malloc_trim() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
 
 
 def dumps_bytes(obj: Any) -> bytes:

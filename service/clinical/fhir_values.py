@@ -11,6 +11,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# Resource fields that no rule, card or record reads. A large chart's prefetch resources are
+# kept without them (service.api.json_codec); tests/clinical/test_unread_fields.py fails as
+# soon as the service names one of them, so a field cannot be read here and dropped there.
+UNREAD_FIELDS = frozenset(
+    {
+        "basedOn",
+        "bodySite",
+        "category",
+        "derivedFrom",
+        "device",
+        "encounter",
+        "hasMember",
+        "identifier",
+        "interpretation",
+        "meta",
+        "note",
+        "performer",
+        "specimen",
+    }
+)
+
 
 class UnreadableData(ValueError):
     """Client data that cannot be read (HTTP 400); `location` says where, `error` is the code."""

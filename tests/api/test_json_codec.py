@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import tracemalloc
 from typing import Any
 
@@ -112,3 +113,113 @@ def test_a_large_broken_body_is_a_400_naming_the_place_through_the_endpoint(
     body = answer.get_json()
     assert body["error"] == "invalid_json"
     assert f"line {expected.value.lineno} column {expected.value.colno}" in body["message"]
+
+
+# -- a large hook request is read lean ----------------------------------------------------------
+
+UNREAD = frozenset({"category", "interpretation", "identifier"})
+
+
+def _without_unread(request: dict[str, Any]) -> dict[str, Any]:
+    """What a lean reading must give: orjson's value, less UNREAD in each prefetch Bundle entry's
+    resource and nowhere else."""
+    expected = copy.deepcopy(request)
+    for value in expected["prefetch"].values():
+        for entry in value.get("entry", []) if isinstance(value, dict) else []:
+            resource = entry["resource"]
+            entry["resource"] = {k: v for k, v in resource.items() if k not in UNREAD}
+    return expected
+
+
+def test_a_large_request_keeps_every_field_but_the_unread_ones_of_prefetch_bundle_resources() -> (
+    None
+):
+    request = large_chart()
+    request["context"]["draftOrders"]["entry"][0]["resource"]["identifier"] = [{"value": "o-1"}]
+    raw = orjson.dumps(request)
+    value = json_codec.loads(raw, UNREAD)
+    assert value == _without_unread(orjson.loads(raw))
+    assert "category" in request["prefetch"]["igm"]["entry"][0]["resource"]  # there to drop
+    # A resource outside a Bundle (the Patient) and the draft orders keep every field.
+    assert (
+        value["prefetch"]["patient"]["identifier"] == request["prefetch"]["patient"]["identifier"]
+    )
+    assert value["context"] == request["context"]
+    # Below the size, and without fields to drop, nothing is left out.
+    small = orjson.dumps(load_fixture("order-sign/wm-igm-4500-rituximab"))
+    assert json_codec.loads(small, UNREAD) == orjson.loads(small)
+    assert json_codec.loads(raw) == orjson.loads(raw)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"prefetch": None},
+        {"prefetch": ["not", "an", "object"]},
+        {"prefetch": {"igm": None, "conditions": "text", "viscosity": 7}},
+        {"prefetch": {"igm": {"resourceType": "Bundle", "entry": {"resource": {"category": 1}}}}},
+        {"prefetch": {"igm": {"resourceType": "Bundle", "entry": [3, None, {"resource": [1]}]}}},
+    ],
+    ids=["null", "array", "not-bundles", "entry-object", "odd-entries"],
+)
+def test_a_large_request_of_any_shape_reads_as_orjson_reads_it(odd: dict[str, Any]) -> None:
+    request = {**large_chart(), **odd}
+    request["padding"] = large_chart()["prefetch"]  # keeps the body large, outside prefetch
+    raw = orjson.dumps(request)
+    assert len(raw) >= LARGE
+    assert json_codec.loads(raw, UNREAD) == orjson.loads(raw)
+    assert json_codec.loads(orjson.dumps([1, 2]), UNREAD) == [1, 2]
+
+
+def test_a_broken_field_that_would_be_dropped_is_still_orjsons_error() -> None:
+    raw = orjson.dumps(large_chart())
+    at = raw.rfind(b'"category":') + len(b'"category":')
+    broken = raw[:at] + b"[1,,2]," + raw[at:]
+    with pytest.raises(orjson.JSONDecodeError) as expected:
+        orjson.loads(broken)
+    with pytest.raises(json_codec.JSONDecodeError) as got:
+        json_codec.loads(broken, UNREAD)
+    assert (got.value.lineno, got.value.colno) == (expected.value.lineno, expected.value.colno)
+
+
+def test_a_lean_reading_keeps_less_than_a_full_one() -> None:
+    raw = orjson.dumps(large_chart(2 * LARGE))
+    kept = {}
+    for prune in (frozenset(), UNREAD):
+        tracemalloc.start()
+        try:
+            value = json_codec.loads(raw, prune)
+            kept[prune], peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1.3 * kept[prune]
+        del value
+    # category and interpretation are about a quarter of these Observations.
+    assert kept[UNREAD] < 0.85 * kept[frozenset()], kept
+
+
+def test_a_large_chart_gets_the_same_cards_read_lean_or_whole(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import create_app
+    from service.clinical.fhir_values import UNREAD_FIELDS
+    from tests.conftest import test_settings
+
+    assert UNREAD <= UNREAD_FIELDS
+    raw = orjson.dumps(large_chart())
+    client = create_app(test_settings(tmp_path, http={"max_body_bytes": 4 * LARGE})).test_client()
+
+    def cards() -> list[dict[str, Any]]:
+        answer = client.post(
+            "/cds-services/rituximab-flare-order-sign", data=raw, content_type="application/json"
+        )
+        assert answer.status_code == 200, answer.get_json()
+        # Each answer's cards, suggestions and links have fresh uuids; all else must match.
+        text = re.sub(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", "<uuid>", answer.text)
+        return json.loads(text)["cards"]
+
+    lean = cards()
+    monkeypatch.setattr(json_codec, "LARGE_BODY_BYTES", 10 * LARGE)  # read whole, by orjson
+    whole = cards()
+    assert lean == whole
+    assert [c["indicator"] for c in lean] == ["warning"]
