@@ -10,16 +10,17 @@ same way, with two exceptions handled here: integers beyond 64 bits (orjson read
 floats, msgspec exactly) go to orjson, and so does any body msgspec refuses, so that an error
 is orjson's, with its line and column.
 
-A large hook request is also read lean: each resource in its prefetch Bundles is decoded on
-its own and kept without the fields the caller names as never read (`prune`), and the memory
-the C heap freed while the body was read is handed back first. On a 6.6 MB chart the worker's
-peak went from 115 to 95 MB.
+A large hook request is also read lean: each entry of a prefetch value's `entry` list (a
+Bundle's resources) is decoded on its own, its resource kept without the fields the caller
+names as never read (`prune`), and its strings shared with equal ones already read (a chart
+repeats the same systems, codes, units and statuses in every resource). The memory the C heap
+freed while the body was read is handed back first. On a 6.6 MB chart a worker's peak went
+from 115 to 96 MB without the sharing.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 from collections.abc import Callable
 from functools import cache
@@ -58,7 +59,7 @@ def loads(data: bytes | str, prune: frozenset[str] = frozenset()) -> Any:
     _release_freed_heap()
     try:
         return _pruned_request(data, prune) if prune else _MSGSPEC.decode(data)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return orjson.loads(data)  # its error, or its reading where msgspec is stricter
 
 
@@ -84,8 +85,10 @@ def _pruned_request(data: bytes, prune: frozenset[str]) -> Any:
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if isinstance(resource, dict) and not prune.isdisjoint(resource):
                 entry["resource"] = {k: v for k, v in resource.items() if k not in prune}
-            kept.append(entry)
+            kept.append(_share_strings(entry, shared))
         return kept
+
+    shared: dict[str, str] = {}
 
     def bundle(key: str, raw: Any) -> Any:
         return _object_of(raw, lambda k, v: entries(v) if k == "entry" else _MSGSPEC.decode(v))
@@ -93,6 +96,22 @@ def _pruned_request(data: bytes, prune: frozenset[str]) -> Any:
     return _object_of(
         data, lambda k, v: _object_of(v, bundle) if k == "prefetch" else _MSGSPEC.decode(v)
     )
+
+
+def _share_strings(value: Any, shared: dict[str, str]) -> Any:
+    """`value` with each string value replaced by an equal one from `shared` (added if new).
+
+    In a 6,000-result chart 127,000 strings hold 24,000 distinct values.
+    """
+    if isinstance(value, str):
+        return shared.setdefault(value, value)
+    if isinstance(value, dict):
+        for key, item in value.items():  # values replaced, keys unchanged: safe while iterating
+            value[key] = _share_strings(item, shared)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            value[index] = _share_strings(item, shared)
+    return value
 
 
 def _release_freed_heap() -> None:
@@ -109,11 +128,11 @@ def _release_freed_heap() -> None:
 
 @cache
 def _malloc_trim() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
+    # The symbols already loaded into the process, the C library's among them.
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # only glibc has it
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def dumps_bytes(obj: Any) -> bytes:

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 # Resource fields that no rule, card or record reads. A large chart's prefetch resources are
-# kept without them (service.api.json_codec); tests/clinical/test_unread_fields.py fails as
-# soon as the service names one of them, so a field cannot be read here and dropped there.
+# kept without them (service.api.json_codec). tests/clinical/test_unread_fields.py fails when a
+# service module names one as a string literal, and checks that every shipped chart gets the
+# same cards read with and without them.
 UNREAD_FIELDS = frozenset(
     {
         "basedOn",

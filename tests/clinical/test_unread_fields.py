@@ -1,20 +1,28 @@
-"""The fields a large chart is read without are fields the service never names.
+"""The fields a large chart is read without are fields the service never reads.
 
 service.api.json_codec leaves UNREAD_FIELDS out of a large chart's prefetch resources. If code
-started reading one of them, it would see it in small charts and miss it in large ones: this
-test fails first, pointing at the field.
+started reading one of them, it would see it in small charts and miss it in large ones. Two
+guards: no service module names one as a string literal, and every shipped hook request gets
+the same answer with and without them.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from service.clinical.fhir_values import UNREAD_FIELDS
+from tests.conftest import all_fixture_names, load_fixture, post_hook
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 DEFINED_IN = SERVICE / "clinical" / "fhir_values.py"
 # A field named as a string literal: resource.get("category"), field(r, 'note', ...).
+UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 NAMED = re.compile("[\"']({})[\"']".format("|".join(sorted(UNREAD_FIELDS))))
 
 
@@ -32,3 +40,29 @@ def test_no_module_names_a_field_that_large_charts_are_read_without() -> None:
 def test_the_guard_sees_a_field_read_in_the_usual_ways() -> None:
     for line in ('resource.get("category")', "field(resource, 'interpretation', 'text')"):
         assert NAMED.search(line), line
+
+
+def _without_unread(body: dict[str, Any]) -> dict[str, Any]:
+    """The body as a large chart is read: prefetch entries' resources without UNREAD_FIELDS."""
+    lean = copy.deepcopy(body)
+    for value in (lean.get("prefetch") or {}).values():
+        entries = value.get("entry") if isinstance(value, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict):
+                entry["resource"] = {k: v for k, v in resource.items() if k not in UNREAD_FIELDS}
+    return lean
+
+
+@pytest.mark.parametrize("name", all_fixture_names())
+def test_every_shipped_chart_gets_the_same_answer_without_the_unread_fields(
+    client: Any, name: str
+) -> None:
+    body = load_fixture(name)
+
+    def answer(sent: dict[str, Any]) -> tuple[int, Any]:
+        response = post_hook(client, sent)
+        # Cards, suggestions and links get fresh uuids in each answer; all else must match.
+        return response.status_code, json.loads(UUID.sub("<uuid>", response.text))
+
+    assert answer(_without_unread(body)) == answer(body)
