@@ -213,8 +213,8 @@ def test_one_deadline_covers_every_page(fhir: FhirTestServer, make_fetcher: Any)
 
 
 def test_queries_run_concurrently(fhir: FhirTestServer, make_fetcher: Any) -> None:
-    fhir.delay_seconds = 0.3
-    fetcher = make_fetcher(read_timeout_seconds=1.0, deadline_seconds=2.0)
+    fhir.delay_seconds = 0.5
+    fetcher = make_fetcher(read_timeout_seconds=1.5, deadline_seconds=3.0)
     queries = {
         "patient": "Patient/p1",
         "igm": f"Observation?patient=p1&code={LOINC_IGM}",
@@ -225,7 +225,8 @@ def test_queries_run_concurrently(fhir: FhirTestServer, make_fetcher: Any) -> No
     outcomes = fetcher.fetch_all(fhir.base_url, TOKEN, queries)
     elapsed = time.monotonic() - started
     assert all(o.ok for o in outcomes.values()), outcomes
-    assert elapsed < 0.3 * 2.2  # close to the slowest query, far from the 1.2 s sum
+    # Close to the slowest query, far from the 2 s sum; the slack is for a busy shared machine.
+    assert elapsed < 1.4
 
 
 def test_connections_are_kept_between_queries_and_calls(make_fetcher: Any) -> None:
