@@ -73,29 +73,35 @@ def _object_of(raw: Any, value_of: Callable[[str, Any], Any]) -> Any:
     return {key: value_of(key, value) for key, value in fields.items()}
 
 
-def _pruned_request(data: bytes, prune: frozenset[str]) -> Any:
-    def entries(raw: Any) -> Any:
-        try:
-            items = _ITEMS.decode(raw)
-        except msgspec.ValidationError:
-            return _MSGSPEC.decode(raw)
-        kept = []
-        for item in items:  # one entry's full objects at a time
-            entry = _MSGSPEC.decode(item)
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            if isinstance(resource, dict) and not prune.isdisjoint(resource):
-                entry["resource"] = {k: v for k, v in resource.items() if k not in prune}
-            kept.append(_share_strings(entry, shared))
-        return kept
+def _array_of(raw: Any, item_of: Callable[[Any], Any]) -> Any:
+    """`raw` as a JSON array whose items `item_of(raw item)` decodes; any other JSON value
+    decoded as it is."""
+    try:
+        items = _ITEMS.decode(raw)
+    except msgspec.ValidationError:
+        return _MSGSPEC.decode(raw)
+    return [item_of(item) for item in items]
 
+
+def _pruned_request(data: bytes, prune: frozenset[str]) -> Any:
     shared: dict[str, str] = {}
 
-    def bundle(key: str, raw: Any) -> Any:
-        return _object_of(raw, lambda k, v: entries(v) if k == "entry" else _MSGSPEC.decode(v))
+    def entry(raw: Any) -> Any:  # one entry's full objects at a time
+        value = _MSGSPEC.decode(raw)
+        resource = value.get("resource") if isinstance(value, dict) else None
+        if isinstance(resource, dict) and not prune.isdisjoint(resource):
+            value["resource"] = {k: v for k, v in resource.items() if k not in prune}
+        return _share_strings(value, shared)
 
-    return _object_of(
-        data, lambda k, v: _object_of(v, bundle) if k == "prefetch" else _MSGSPEC.decode(v)
-    )
+    def bundle_field(key: str, raw: Any) -> Any:
+        return _array_of(raw, entry) if key == "entry" else _MSGSPEC.decode(raw)
+
+    def body_field(key: str, raw: Any) -> Any:
+        if key != "prefetch":
+            return _MSGSPEC.decode(raw)
+        return _object_of(raw, lambda _, value: _object_of(value, bundle_field))
+
+    return _object_of(data, body_field)
 
 
 def _share_strings(value: Any, shared: dict[str, str]) -> Any:

@@ -297,7 +297,7 @@ class FhirFetcher:
             connect=min(settings.connect_timeout_seconds, remaining),
             read=min(settings.read_timeout_seconds, remaining),
         )
-        response = None
+        response, complete = None, False
         try:
             response = self._http.urlopen(
                 "GET",
@@ -316,10 +316,8 @@ class FhirFetcher:
                 if time.monotonic() > deadline:
                     raise _FetchError(self._deadline_reason(), response.status)
                 chunks.append(chunk)
-            body, status, answered = b"".join(chunks), response.status, response
-            response = None
-            answered.release_conn()  # read to the end (urllib3 may have released it already)
-            return status, body
+            complete = True
+            return response.status, b"".join(chunks)
         except ForbiddenPeerError:
             reason = "FHIR server address is link-local or metadata; not contacted"
             raise _FetchError(reason) from None
@@ -333,9 +331,10 @@ class FhirFetcher:
         except HTTPError:  # e.g. a body that does not decode
             raise _FetchError("request to the FHIR server failed") from None
         finally:
-            if response is not None:  # a half-read connection must not go back to the pool
-                response.close()
-                response.release_conn()
+            if response is not None:
+                if not complete:  # a half-read connection must not go back to the pool
+                    response.close()
+                response.release_conn()  # urllib3 may have released it at the end already
 
     def _timeout_reason(self, deadline: float) -> str:
         if time.monotonic() >= deadline - 0.01:

@@ -110,26 +110,26 @@ def _guard(conn: HTTPConnection, sock: socket.socket) -> socket.socket:
     return sock
 
 
-class _GuardedHTTPConnection(HTTPConnection):
+class _GuardedConnection:
+    """The connect guard and the query scope, mixed into urllib3's HTTP and HTTPS connections."""
+
     def _new_conn(self) -> socket.socket:
-        sock = _guard(self, super()._new_conn())
-        _attach(self, sock)
+        sock = _guard(self, super()._new_conn())  # type: ignore[misc, arg-type]
+        _attach(self, sock)  # type: ignore[arg-type]
         return sock
 
     def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self, self.sock)  # a pooled connection: this request is the sending query's
-        super().request(*args, **kwargs)
+        # A pooled connection: this request is the sending query's.
+        _attach(self, self.sock)  # type: ignore[arg-type, attr-defined]
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-class _GuardedHTTPSConnection(HTTPSConnection):
-    def _new_conn(self) -> socket.socket:  # same guard; HTTPS does not inherit the one above
-        sock = _guard(self, super()._new_conn())
-        _attach(self, sock)
-        return sock
+class _GuardedHTTPConnection(_GuardedConnection, HTTPConnection):
+    pass
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self, self.sock)
-        super().request(*args, **kwargs)
+
+class _GuardedHTTPSConnection(_GuardedConnection, HTTPSConnection):
+    pass
 
 
 class _ScopedPool:
