@@ -101,9 +101,22 @@ def concept_named(concept: Mapping[str, Any] | None, pattern: re.Pattern[str]) -
         return None
     texts = [concept.get("text")] + [c.get("display") for c in objects(concept.get("coding"))]
     for text in texts:
-        if isinstance(text, str) and pattern.search(text):
+        if isinstance(text, str) and search_names(pattern, text):
             return text.strip()
     return None
+
+
+def search_names(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """`pattern.search(text)` for a pattern of names made by _name_pattern, ruling out first,
+    with plain substring tests, the texts in which no name occurs at all (most of a chart: a
+    search of the name alternation costs about ten times as much)."""
+    known = _PLAIN_NAMES.get(id(pattern))
+    if known is not None and known[0] is pattern:
+        names = known[1]
+        folded = (text if text.isascii() else text.translate(_FOLD_TO_ASCII)).lower()
+        if not any(map(folded.__contains__, names)):
+            return None
+    return pattern.search(text)
 
 
 def match_drug(
@@ -131,7 +144,7 @@ def match_drug(
     texts = [concept.get("text")]
     texts += [c.get("display") for c in objects(concept.get("coding"))]
     for text in texts:
-        if not isinstance(text, str) or not any_name.search(text):
+        if not isinstance(text, str) or not search_names(any_name, text):
             continue
         for group in groups:
             if group.name_pattern.search(text):
@@ -151,6 +164,9 @@ def _screen(groups: tuple[DrugGroup, ...]) -> tuple[frozenset[tuple[str, str]], 
         codes = frozenset().union(*(group.codes for group in groups))
         patterns = [g.name_pattern.pattern for g in groups if g.name_pattern is not _NEVER]
         names = re.compile("|".join(patterns), re.IGNORECASE) if patterns else _NEVER
+        plain = [_plain_names(g.name_pattern) for g in groups]
+        if names is not _NEVER and None not in plain:
+            _remember_plain(names, (n for group_names in plain for n in group_names or ()))
         cached = _SCREENS[id(groups)] = (groups, codes, names)
     return cached[1], cached[2]
 
@@ -191,7 +207,29 @@ def _name_pattern(names: Iterable[str], suffixed: Iterable[str] = ()) -> re.Patt
     alternatives += [re.escape(n) + _BIOSIMILAR_SUFFIX for n in suffixed]
     if not alternatives:
         return _NEVER
-    return re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
+    plain = [n.strip().lower() for n in (*names, *suffixed)]
+    if all(name.isascii() for name in plain):
+        _remember_plain(pattern, plain)
+    return pattern
+
+
+def _remember_plain(pattern: re.Pattern[str], names: Iterable[str]) -> None:
+    _PLAIN_NAMES[id(pattern)] = (pattern, _shortest_cover(names))
+
+
+def _plain_names(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
+    known = _PLAIN_NAMES.get(id(pattern))
+    return known[1] if known is not None and known[0] is pattern else None
+
+
+def _shortest_cover(names: Iterable[str]) -> tuple[str, ...]:
+    """The names that hold no other one: a text holding any name holds one of these."""
+    kept: list[str] = []
+    for name in sorted(set(names), key=len):
+        if not any(shorter in name for shorter in kept):
+            kept.append(name)
+    return tuple(kept)
 
 
 def _drug_groups(
@@ -217,6 +255,14 @@ def _drug_groups(
 
 
 _NEVER = re.compile(r"(?!)")
+
+# For search_names: the names each pattern matches, in lower case, as plain text; only ASCII
+# names, whose case-insensitive matches are known (below). A pattern not here is always searched.
+# Keyed by id() (a pattern's hash is computed anew each time), the pattern kept to make it safe.
+_PLAIN_NAMES: dict[int, tuple[re.Pattern[str], tuple[str, ...]]] = {id(_NEVER): (_NEVER, ())}
+# The characters other than A-Z that a case-insensitive pattern matches to an ASCII letter:
+# dotted and dotless I, long S and the Kelvin sign. Mapped first, so lower() finds every name.
+_FOLD_TO_ASCII = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
 
 
 def _condition_set(

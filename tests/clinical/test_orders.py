@@ -177,6 +177,40 @@ def test_other_drugs_and_partial_words_do_not_match(text: str) -> None:
     assert orders == []
 
 
+# Characters a case-insensitive pattern matches to an ASCII letter without being one: the name
+# screen in front of the patterns must let them through.
+FOLDED_LOOKALIKES = {"i": ("\u0130", "\u0131"), "s": ("\u017f",), "k": ("\u212a",)}
+
+
+def _lookalike_spellings(name: str) -> list[str]:
+    spellings = [name.upper(), name.title(), name.swapcase()]
+    for letter, lookalikes in FOLDED_LOOKALIKES.items():
+        spellings += [name.replace(letter, other) for other in lookalikes if letter in name]
+    return spellings
+
+
+@pytest.mark.parametrize("drug", sorted({n for e in _shipped()["anti_cd20"] for n in e["names"]}))
+def test_a_name_is_recognised_in_any_case_the_pattern_accepts(drug: str) -> None:
+    # The whole-word pattern is the definition; the cheaper screen before it must never hide a
+    # name the pattern would find, whatever the case or the Unicode look-alike letters.
+    from service.clinical.terminology import match_drug
+
+    for spelling in _lookalike_spellings(drug):
+        concept = {"text": f"{spelling} 375 mg/m2 IV"}
+        by_pattern = [g.name for g in GROUPS if g.name_pattern.search(concept["text"])]
+        found = match_drug(concept, GROUPS)
+        assert by_pattern, spelling
+        assert found is not None and found[0].name == by_pattern[0], spelling
+
+
+def test_a_site_name_outside_ascii_is_still_recognised() -> None:
+    groups = build_terminology(TerminologySettings(anti_cd20_names=("Ritüximab-Ω",))).anti_cd20
+    [order] = find_drug_orders(
+        bundle(med_request({"medicationCodeableConcept": {"text": "RITÜXIMAB-Ω 500 mg"}})), groups
+    )
+    assert order.drug == "Ritüximab-Ω"
+
+
 def test_bendamustine_is_not_anti_cd20() -> None:
     assert find_drug_orders(bundle(med_request(coded("134547"))), GROUPS) == []
 
