@@ -56,19 +56,18 @@ def parse_fhir_datetime(value: Any) -> datetime | None:
     """
     if not isinstance(value, str):
         return None
-    match = _FHIR_DATETIME.match(value.strip())
+    text = value.strip()
+    match = _FHIR_DATETIME.match(text)
     if not match:
         return None
-    year = int(match["year"])
-    month = int(match["month"] or 1)
-    day = int(match["day"] or 1)
     try:
         if match["time"] is None:
-            return datetime(year, month, day, tzinfo=UTC)
-        text = value.strip().replace("Z", "+00:00")
+            day = int(match["day"] or 1)
+            return datetime(int(match["year"]), int(match["month"] or 1), day, tzinfo=UTC)
+        # The pattern has checked the form; fromisoformat (3.11) reads it, "Z" included.
         parsed = datetime.fromisoformat(text)
         if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
+            return parsed.replace(tzinfo=UTC)
         return parsed.astimezone(UTC)
     except (ValueError, OverflowError):
         # OverflowError: well formed but outside datetime's range once moved to UTC.

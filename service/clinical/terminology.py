@@ -79,14 +79,16 @@ class Terminology:
         return ",".join(f"{system}|{code}" for system, code in sorted(self.viscosity))
 
 
-def codings_of(concept: Mapping[str, Any] | None) -> Iterable[tuple[str, str]]:
+def codings_of(concept: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """(system, code) pairs of a CodeableConcept, normalised; malformed codings are skipped."""
     if not isinstance(concept, dict):
-        return
+        return []
+    pairs = []
     for coding in objects(concept.get("coding")):
         system, code = coding.get("system"), coding.get("code")
         if isinstance(system, str) and isinstance(code, str):
-            yield normalise_code(system, code)
+            pairs.append(normalise_code(system, code))
+    return pairs
 
 
 def concept_matches(
@@ -131,7 +133,7 @@ def match_drug(
     if not isinstance(concept, dict):
         return None
     any_code, any_name = _screen(groups)
-    pairs = list(codings_of(concept))
+    pairs = codings_of(concept)
     for group in groups if any(pair in any_code for pair in pairs) else ():
         matched = [pair for pair in pairs if pair in group.codes]
         if matched:

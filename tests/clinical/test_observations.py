@@ -115,13 +115,35 @@ def test_viscosity_accepts_cp_and_relative_units() -> None:
         ("2026-11-15T10:30:00Z", datetime(2026, 11, 15, 10, 30, tzinfo=UTC)),
         ("2026-11-15T10:30:00+02:00", datetime(2026, 11, 15, 8, 30, tzinfo=UTC)),
         ("2026-11-15T10:30:00.123Z", datetime(2026, 11, 15, 10, 30, 0, 123000, tzinfo=UTC)),
+        # Beyond microseconds the digits are dropped, never the result.
+        (
+            "2026-11-15T10:30:00.123456789Z",
+            datetime(2026, 11, 15, 10, 30, 0, 123456, tzinfo=UTC),
+        ),
+        ("2026-11-15T10:30:00-05:00", datetime(2026, 11, 15, 15, 30, tzinfo=UTC)),
+        ("2026-11-15T10:30:00", datetime(2026, 11, 15, 10, 30, tzinfo=UTC)),  # no zone: UTC
+        (" 2026-11-15T10:30Z ", datetime(2026, 11, 15, 10, 30, tzinfo=UTC)),
     ],
 )
 def test_fhir_dates(text: str, expected: datetime) -> None:
     assert parse_fhir_datetime(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "yesterday", "2026-13-01", "15/11/2026", None, 20261115])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "yesterday",
+        "2026-13-01",
+        "2026-02-30",
+        "2026-11-15T24:00:00Z",
+        "2026-11-15T10:30:00+2:00",
+        "20261115T103000Z",
+        "15/11/2026",
+        None,
+        20261115,
+    ],
+)
 def test_bad_dates_are_none(text: Any) -> None:
     assert parse_fhir_datetime(text) is None
 
