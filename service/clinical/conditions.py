@@ -10,7 +10,7 @@ from typing import Any
 
 from service.clinical.fhir_values import objects
 from service.clinical.observations import parse_fhir_datetime
-from service.clinical.terminology import ConditionSet, codings_of, concept_named
+from service.clinical.terminology import ConditionSet, concept_named, normalise_code
 
 INACTIVE_CLINICAL = frozenset({"inactive", "remission", "resolved"})
 EXCLUDED_VERIFICATION = frozenset({"entered-in-error", "refuted"})
@@ -64,10 +64,12 @@ def concept_fact(concept: Any, wanted: ConditionSet, condition_id: str) -> Condi
     if not isinstance(concept, dict):
         return None
     for coding in objects(concept.get("coding")):
-        pair = next(iter(codings_of({"coding": [coding]})), None)
-        if pair in wanted:
-            display = coding.get("display") or concept.get("text") or coding["code"]
-            return ConditionFact(condition_id, coding["code"], display)
+        system, code = coding.get("system"), coding.get("code")
+        if not (isinstance(system, str) and isinstance(code, str)):
+            continue  # a malformed coding is skipped, as codings_of does
+        if normalise_code(system, code) in wanted.codes:
+            display = coding.get("display") or concept.get("text") or code
+            return ConditionFact(condition_id, code, display)
     named = concept_named(concept, wanted.name_pattern)
     if named is not None:
         return ConditionFact(condition_id, "by name", named)
