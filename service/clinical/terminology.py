@@ -112,9 +112,8 @@ def search_names(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
     """`pattern.search(text)` for a pattern of names made by _name_pattern, ruling out first,
     with plain substring tests, the texts in which no name occurs at all (most of a chart: a
     search of the name alternation costs about ten times as much)."""
-    known = _PLAIN_NAMES.get(id(pattern))
-    if known is not None and known[0] is pattern:
-        names = known[1]
+    names = _plain_names(pattern)
+    if names is not None:
         folded = (text if text.isascii() else text.translate(_FOLD_TO_ASCII)).lower()
         if not any(map(folded.__contains__, names)):
             return None
@@ -202,6 +201,7 @@ _BIOSIMILAR_SUFFIX = r"-[a-z]{4}"
 
 def _name_pattern(names: Iterable[str], suffixed: Iterable[str] = ()) -> re.Pattern[str]:
     """Whole-word, case-insensitive match of any of `names` (never matches when there are none)."""
+    names, suffixed = list(names), list(suffixed)  # each read twice: pattern, then plain names
     # Longest names first so "rituximab-abbs" is preferred over its prefix "rituximab".
     alternatives = [re.escape(n.strip()) for n in sorted(names, key=len, reverse=True)]
     # "rituximab-xyzz", a biosimilar not listed as a group of its own, is still rituximab;

@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 
 from service.clinical.orders import DraftOrderError, find_drug_orders
-from service.clinical.terminology import _shipped, build_terminology
+from service.clinical.terminology import (
+    _name_pattern,
+    _shipped,
+    build_terminology,
+    match_drug,
+    search_names,
+)
 from service.settings import TerminologySettings
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -193,14 +199,20 @@ def _lookalike_spellings(name: str) -> list[str]:
 def test_a_name_is_recognised_in_any_case_the_pattern_accepts(drug: str) -> None:
     # The whole-word pattern is the definition; the cheaper screen before it must never hide a
     # name the pattern would find, whatever the case or the Unicode look-alike letters.
-    from service.clinical.terminology import match_drug
-
     for spelling in _lookalike_spellings(drug):
         concept = {"text": f"{spelling} 375 mg/m2 IV"}
         by_pattern = [g.name for g in GROUPS if g.name_pattern.search(concept["text"])]
         found = match_drug(concept, GROUPS)
         assert by_pattern, spelling
         assert found is not None and found[0].name == by_pattern[0], spelling
+
+
+def test_names_given_once_through_are_all_screened() -> None:
+    # The pattern and the plain names read the same names: a one-pass iterable must serve both.
+    pattern = _name_pattern((n for n in ["Gazyva", "obinutuzumab"]), iter(["rituximab"]))
+    for text in ("GAZYVA 1000 mg", "Obinutuzumab", "rituximab-xyzz 500 mg"):
+        assert search_names(pattern, text) is not None, text
+    assert search_names(pattern, "bendamustine") is None
 
 
 def test_a_site_name_outside_ascii_is_still_recognised() -> None:
