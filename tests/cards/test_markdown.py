@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from service.cards.markdown import Markdown, inline, table
+from service.cards.markdown import Markdown, _escaped, inline, table
 from tests.conftest import all_fixture_names, load_fixture, post_hook
 
 CARDS = Path(__file__).resolve().parents[2] / "cards"
@@ -210,6 +210,29 @@ def test_an_inserted_value_renders_as_exactly_its_text(value: str) -> None:
         kinds = {t.type for t in tokens}
         assert kinds <= {"paragraph_open", "paragraph_close", "inline", "text"}, (line, kinds)
         assert plain_text(MD.parse(line)) in (expected, f"Before {expected} after.")
+
+
+# Text made mostly of what the unchanged-text shortcut lets through, with what it must not.
+NEAR_PLAIN_PIECES = "a W w ww www . - + = ( ) 1 12 / : % ' \" , ; é ٣ _ @ [ | 2024-01-05 4.2 1) mg"
+NEAR_PLAIN = st.lists(
+    st.sampled_from([*NEAR_PLAIN_PIECES.split(), " "]),
+    min_size=1,
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(NEAR_PLAIN | TRICKY)
+def test_text_left_unchanged_is_what_the_escapes_give(value: str) -> None:
+    text = " ".join(value.split())
+    assert inline(value) == _escaped(text)
+
+
+def test_plain_cells_are_left_as_they_are() -> None:
+    for text in ("2024-01-05", "2,256 mg/dL", "rituximab 375 mg/m2 IV", "Waldenström", "final"):
+        assert inline(text) == text
+    assert inline("1. item") == r"1\. item"
+    assert inline("see www.example.org") == r"see www\.example.org"
 
 
 @settings(max_examples=200, deadline=None)
