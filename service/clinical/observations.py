@@ -18,7 +18,7 @@ from functools import cached_property
 from typing import Any
 
 from service.clinical.fhir_values import field, objects
-from service.clinical.terminology import codings_of
+from service.clinical.terminology import codings_of, concept_matches
 
 USABLE_STATUSES = frozenset({"final", "amended", "corrected"})
 
@@ -68,7 +68,7 @@ def parse_fhir_datetime(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(text)
         if parsed.tzinfo is None:
             return parsed.replace(tzinfo=UTC)
-        return parsed.astimezone(UTC)
+        return parsed if parsed.tzinfo is UTC else parsed.astimezone(UTC)  # "Z" reads as UTC
     except (ValueError, OverflowError):
         # OverflowError: well formed but outside datetime's range once moved to UTC.
         return None
@@ -205,7 +205,7 @@ def classify(
             continue
         obs_id = str(resource.get("id") or "(no id)")
         when = effective_time(resource)
-        if codes is not None and not any(p in codes for p in codings_of(resource.get("code"))):
+        if codes is not None and not concept_matches(resource.get("code"), codes):
             what = "serum IgM" if kind == "igm" else "serum viscosity"
             unusable.append(Unusable(obs_id, when, _code_text(resource), f"not a {what} code"))
             continue
@@ -220,20 +220,19 @@ def classify(
             unusable.append(Unusable(obs_id, when, shown, "no numeric value"))
             continue
         value, code, unit, comparator = quantity
-        shown = f"{comparator}{_number(value)} {unit or code}".strip()
         if when is None:
-            unusable.append(Unusable(obs_id, None, shown, "no effective date"))
+            unusable.append(Unusable(obs_id, None, _shown(quantity), "no effective date"))
             continue
         if value < 0 or (value == 0 and kind == "igm"):
             # Not a concentration: an instrument or transcription error, never reassurance.
             reason = "negative value" if value < 0 else "zero is not a possible serum IgM"
-            unusable.append(Unusable(obs_id, when, shown, reason))
+            unusable.append(Unusable(obs_id, when, _shown(quantity), reason))
             continue
         if kind == "viscosity" and not code and not unit.strip():
             unit = "relative"  # a pure number: viscosity relative to water
         unit_entry, problem = _resolve_unit(code, unit, known)
         if unit_entry is None:
-            unusable.append(Unusable(obs_id, when, shown, problem))
+            unusable.append(Unusable(obs_id, when, _shown(quantity), problem))
             continue
         normalised = value * unit_entry if kind == "igm" else value
         readings.append(
@@ -254,6 +253,12 @@ def classify(
     readings.sort(key=lambda r: (r.effective, _risk(r), r.observation_id))
     unusable.sort(key=lambda u: (u.effective or datetime.min.replace(tzinfo=UTC), u.observation_id))
     return readings, unusable
+
+
+def _shown(quantity: tuple[float, str, str, str]) -> str:
+    """A value as the laboratory reported it, with the unit as sent (before any defaulting)."""
+    value, code, unit, comparator = quantity
+    return f"{comparator}{_number(value)} {unit or code}".strip()
 
 
 def _risk(reading: Reading) -> float:

@@ -94,7 +94,18 @@ def codings_of(concept: Mapping[str, Any] | None) -> list[tuple[str, str]]:
 def concept_matches(
     concept: Mapping[str, Any] | None, codes: frozenset[tuple[str, str]] | ConditionSet
 ) -> bool:
-    return any(pair in codes for pair in codings_of(concept))
+    """Whether a coding of the CodeableConcept is in `codes` (normalised pairs)."""
+    if not isinstance(concept, dict):
+        return False
+    for coding in objects(concept.get("coding")):
+        system, code = coding.get("system"), coding.get("code")
+        if not isinstance(system, str) or not isinstance(code, str):
+            continue
+        # Most codes arrive as `codes` holds them; normalising one that is already normal
+        # changes nothing, so a pair found as sent is found.
+        if (system, code) in codes or normalise_code(system, code) in codes:
+            return True
+    return False
 
 
 def concept_named(concept: Mapping[str, Any] | None, pattern: re.Pattern[str]) -> str | None:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.clinical.observations import classify, parse_fhir_datetime
+from service.clinical.terminology import concept_matches, normalise_code
 
 UCUM = "http://unitsofmeasure.org"
 FACTORS = {"mg/dL": 1.0, "g/L": 100.0, "mg/L": 0.1, "g/dL": 1000.0}
@@ -157,3 +158,38 @@ def test_effective_period_and_issued_are_used() -> None:
     issued["issued"] = "2026-11-03T08:00:00Z"
     readings, _ = classify([issued, period], "igm")
     assert [r.normalised for r in readings] == [100, 200]
+
+
+ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
+LOINC = "http://loinc.org"
+CODED = frozenset({(ICD10, "C880"), (LOINC, "2472-9")})
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([ICD10, LOINC, f" {ICD10}", "urn:other", 7]),
+            st.sampled_from(["C88.0", "c880", " C880 ", "C880", "2472-9", " 2472-9", "C88.1"])
+            | st.none(),
+        ),
+        max_size=4,
+    )
+)
+def test_a_coding_matches_as_sent_or_normalised(pairs: list[tuple[Any, Any]]) -> None:
+    concept = {"coding": [{"system": s, "code": c} for s, c in pairs]}
+    normalised = [
+        normalise_code(s, c) for s, c in pairs if isinstance(s, str) and isinstance(c, str)
+    ]
+    assert concept_matches(concept, CODED) == any(p in CODED for p in normalised)
+
+
+def test_a_result_is_checked_against_its_codes_however_they_are_written() -> None:
+    igm = frozenset({(LOINC, "2472-9")})
+    written = obs(4200, code="mg/dL")
+    for code in ("2472-9", " 2472-9 "):
+        written["code"] = {"coding": [{"system": LOINC, "code": code}]}
+        readings, unusable = classify([written], "igm", igm)
+        assert [r.normalised for r in readings] == [4200.0] and not unusable
+    written["code"] = {"coding": [{"system": LOINC, "code": "2465-3"}]}  # IgG
+    readings, unusable = classify([written], "igm", igm)
+    assert not readings and [u.reason for u in unusable] == ["not a serum IgM code"]
