@@ -50,9 +50,7 @@ class GunicornApp(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        app = self.load_app()
-        settle_worker_memory()
-        return app
+        return settle_worker_memory(self.load_app())
 
 
 def load_flare_cds() -> Any:
