@@ -6,17 +6,14 @@ all routes and answers preflight before authentication: a preflight carries no t
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import time
 import uuid
-from typing import IO
 
-from flask import Flask, Request, Response, g, request
-from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.utils import cached_property
+from flask import Flask, Response, g, request
 
+from service.api.bodies import BoundedRequest
 from service.api.errors import ApiError
 
 log = logging.getLogger("flare_cds.http")
@@ -56,55 +53,6 @@ _SCAN_BYTES = bytes(c if c in b'[]{}"\\' else 32 for c in range(256)).translate(
 _SCANNED_STRING = re.compile(b'[\'"][^"]*"')
 # How much of the marks _outside_strings and _without_strings split and join at once.
 _JOIN_SLICE_BYTES = 32 * 1024
-
-
-class _CappedBody(io.RawIOBase):
-    """A streamed body that fails with 413 once it is larger than `limit` bytes.
-
-    Werkzeug caps a chunked body (no Content-Length) at the limit by stopping to read, so an
-    oversized body arrives silently truncated and is answered as invalid JSON. Reading one byte
-    past the limit tells "exactly the limit" from "too large".
-    """
-
-    def __init__(self, stream: IO[bytes], limit: int) -> None:
-        super().__init__()
-        self._stream = stream
-        self._limit = limit
-        self._seen = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        if self._seen > self._limit:
-            raise RequestEntityTooLarge()
-        wanted = min(len(buffer), self._limit + 1 - self._seen)
-        data = self._stream.read(wanted)
-        if not data:
-            return 0
-        self._seen += len(data)
-        if self._seen > self._limit:
-            raise RequestEntityTooLarge()
-        buffer[: len(data)] = data
-        return len(data)
-
-
-class BoundedRequest(Request):
-    """Flask's request, except that a chunked body over MAX_CONTENT_LENGTH is a 413."""
-
-    @cached_property
-    def stream(self) -> IO[bytes]:
-        limit = self.max_content_length
-        # Only servers that terminate the stream themselves (gunicorn, werkzeug for chunked
-        # bodies) set wsgi.input_terminated; without it Werkzeug's own guard is the right one.
-        if (
-            limit is not None
-            and self.content_length is None
-            and self.environ.get("wsgi.input_terminated")
-            and not self.shallow
-        ):
-            return _CappedBody(self.environ["wsgi.input"], limit)
-        return super().stream
 
 
 def _bracket_shape(raw: bytes) -> bytes:

@@ -1,0 +1,104 @@
+"""Reading a request body: whole, once, and never past the size limit.
+
+Flask's request class with two streams of its own: a chunked body (no Content-Length) that
+fails with 413 past the limit instead of arriving truncated, and a body of known length read
+into one buffer of that length.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import IO
+
+from flask import Request
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+from werkzeug.utils import cached_property
+from werkzeug.wsgi import LimitedStream
+
+
+class _CappedBody(io.RawIOBase):
+    """A streamed body that fails with 413 once it is larger than `limit` bytes.
+
+    Werkzeug caps a chunked body (no Content-Length) at the limit by stopping to read, so an
+    oversized body arrives silently truncated and is answered as invalid JSON. Reading one byte
+    past the limit tells "exactly the limit" from "too large".
+    """
+
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
+        super().__init__()
+        self._stream = stream
+        self._limit = limit
+        self._seen = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        if self._seen > self._limit:
+            raise RequestEntityTooLarge()
+        wanted = min(len(buffer), self._limit + 1 - self._seen)
+        data = self._stream.read(wanted)
+        if not data:
+            return 0
+        self._seen += len(data)
+        if self._seen > self._limit:
+            raise RequestEntityTooLarge()
+        buffer[: len(data)] = data
+        return len(data)
+
+
+# How much of a body is asked of the server at a time when reading it whole.
+_READ_STEP_BYTES = 1024 * 1024
+
+
+class _LengthBody(LimitedStream):
+    """A body of known length that the server ends itself, read whole into one buffer.
+
+    Werkzeug reads a whole body 64 kB at a time into a growing buffer and then copies it out: a
+    6.6 MB chart was held twice as it arrived, at the peak of the worker's memory. Here it goes
+    into a buffer of its length, which is then the body (a bytearray: every reader of it takes
+    any bytes-like value).
+    """
+
+    def readall(self) -> bytes:
+        remaining = self.limit - self._pos
+        if remaining <= 0:
+            return super().readall()
+        body = bytearray(remaining)
+        got = 0
+        while got < remaining:
+            try:
+                data = self._stream.read(min(remaining - got, _READ_STEP_BYTES))
+            except (OSError, ValueError) as exc:
+                self.on_disconnect(error=exc)  # raises ClientDisconnected
+                raise
+            if not data:
+                self.on_disconnect()  # the client left before sending all it announced
+                raise ClientDisconnected()
+            body[got : got + len(data)] = data
+            got += len(data)
+        self._pos += got
+        return body  # type: ignore[return-value]
+
+
+class BoundedRequest(Request):
+    """Flask's request, except that a chunked body over MAX_CONTENT_LENGTH is a 413."""
+
+    @cached_property
+    def stream(self) -> IO[bytes]:
+        limit = self.max_content_length
+        # Only servers that terminate the stream themselves (gunicorn, werkzeug for chunked
+        # bodies) set wsgi.input_terminated; without it Werkzeug's own guard is the right one.
+        if (
+            limit is not None
+            and self.content_length is None
+            and self.environ.get("wsgi.input_terminated")
+            and not self.shallow
+        ):
+            return _CappedBody(self.environ["wsgi.input"], limit)
+        length = self.content_length
+        if length is not None and self.environ.get("wsgi.input_terminated") and not self.shallow:
+            if limit is not None and length > limit:
+                raise RequestEntityTooLarge()
+            return _LengthBody(self.environ["wsgi.input"], length)
+        return super().stream
