@@ -82,23 +82,21 @@ class _LengthBody(LimitedStream):
 
 
 class BoundedRequest(Request):
-    """Flask's request, except that a chunked body over MAX_CONTENT_LENGTH is a 413."""
+    """Flask's request, with a chunked body over MAX_CONTENT_LENGTH a 413 and a body of known
+    length read into one buffer."""
 
     @cached_property
     def stream(self) -> IO[bytes]:
-        limit = self.max_content_length
         # Only servers that terminate the stream themselves (gunicorn, werkzeug for chunked
         # bodies) set wsgi.input_terminated; without it Werkzeug's own guard is the right one.
-        if (
-            limit is not None
-            and self.content_length is None
-            and self.environ.get("wsgi.input_terminated")
-            and not self.shallow
-        ):
-            return _CappedBody(self.environ["wsgi.input"], limit)
+        if not self.environ.get("wsgi.input_terminated") or self.shallow:
+            return super().stream
+        limit = self.max_content_length
         length = self.content_length
-        if length is not None and self.environ.get("wsgi.input_terminated") and not self.shallow:
-            if limit is not None and length > limit:
-                raise RequestEntityTooLarge()
-            return _LengthBody(self.environ["wsgi.input"], length)
-        return super().stream
+        if length is None:
+            return (
+                super().stream if limit is None else _CappedBody(self.environ["wsgi.input"], limit)
+            )
+        if limit is not None and length > limit:
+            raise RequestEntityTooLarge()
+        return _LengthBody(self.environ["wsgi.input"], length)
