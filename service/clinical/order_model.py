@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from service.clinical.checked_orders import CheckMemo, CheckOutcome
 from service.clinical.fhir_values import UnreadableData
 
 # The fields the rules read from a draft order. A flaw in one of these stops the assessment; a
@@ -33,6 +34,10 @@ READ_FIELDS = frozenset(
         "patient",
     }
 )
+
+
+# Outcomes of the check for orders this worker has seen (see validate).
+CHECKED = CheckMemo()
 
 
 @dataclass(frozen=True)
@@ -121,26 +126,39 @@ def validate(
     against `version` are split: one in a field the rules read raises DraftOrderError; the rest
     are returned as deviations. A required field that is absent is a deviation too: the rules
     do without it, and only a value that is present and unreadable is refused.
+
+    An order already checked by this worker is answered from CHECKED (service.clinical.
+    checked_orders): re-sent orders are the rule with order-select.
     """
     if version == "DSTU2":
         return version, ()  # no DSTU2 models ship with fhir.resources; the fields read were checked
+    key = CHECKED.key(resource, version)
+    outcome = CHECKED.get(key) if key is not None else None
+    if outcome is None:
+        outcome = _check(resource, version)
+        if key is not None:
+            CHECKED.put(key, outcome)
+    if outcome.fatal:
+        raise DraftOrderError(location, outcome.fatal)
+    return outcome.read_as, tuple(
+        Deviation(f"{location}.resource.{path}", problem) for path, problem in outcome.deviations
+    )
+
+
+def _check(resource: Mapping[str, Any], version: str) -> CheckOutcome:
     problems = _problems(resource, version)
     if not problems:
-        return version, ()
+        return CheckOutcome(version, "")
     if version == "R4" and resource.get("resourceType") == "MedicationRequest":
         if not _problems(resource, "STU3"):
-            return "STU3", ()
+            return CheckOutcome("STU3", "")
     fatal = [
         p for p in problems if (not p.path or p.path[0] in READ_FIELDS) and not _absent(p, resource)
     ]
     if fatal:
         described = "; ".join(f"{_dotted(p.path) or '(resource)'}: {p.problem}" for p in fatal[:3])
-        raise DraftOrderError(
-            location, f"not a valid FHIR {version} MedicationRequest ({described})"
-        )
-    return version, tuple(
-        Deviation(f"{location}.resource.{_dotted(p.path)}", p.problem) for p in problems
-    )
+        return CheckOutcome(version, f"not a valid FHIR {version} MedicationRequest ({described})")
+    return CheckOutcome(version, "", tuple((_dotted(p.path), p.problem) for p in problems))
 
 
 def _absent(problem: _ModelProblem, resource: Mapping[str, Any]) -> bool:

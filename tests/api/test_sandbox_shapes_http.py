@@ -54,3 +54,36 @@ def test_sandbox_orders_get_their_cards_and_deviations_are_logged(serve_process:
     ]
     patient = r4["context"]["patientId"]
     assert not [e for e in deviations if patient in json.dumps(e) or "community" in json.dumps(e)]
+
+
+def _without_uuids(card: dict[str, Any]) -> dict[str, Any]:
+    """The card with its and its suggestions' uuids blanked (the timeline link repeats one)."""
+    text = json.dumps(card)
+    for uuid in [card["uuid"], *(s["uuid"] for s in card.get("suggestions", []))]:
+        text = text.replace(uuid, "")
+    return json.loads(text)
+
+
+def test_a_re_sent_order_gets_the_same_card_deviations_and_errors(serve_process: Any) -> None:
+    # order-select comes again with every new selection, then order-sign with the same drafts:
+    # a worker answers a re-sent order from what it found the first time, and must answer alike.
+    server = serve_process("")
+    select = as_of_today(load_fixture("order-select/sandbox-r4-rituximab-selected"))
+    answers = [_post(server, SELECT, select) for _ in range(6)]
+    assert {a.status_code for a in answers} == {200}
+    cards = [_without_uuids(card) for a in answers for card in a.json()["cards"]]
+    assert len(cards) == 6 and all(card == cards[0] for card in cards)
+    assert cards[0]["indicator"] == "warning"
+
+    broken = copy.deepcopy(select)
+    broken["context"]["draftOrders"]["entry"][0]["resource"]["status"] = ["draft"]
+    refusals = [_post(server, SELECT, broken) for _ in range(4)]
+    assert {r.status_code for r in refusals} == {400}
+    assert all(r.json()["details"] == refusals[0].json()["details"] for r in refusals)
+    assert refusals[0].json()["details"][0]["location"] == "context.draftOrders.entry[0]"
+
+    server.stop()
+    logged = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    deviations = [e["path"] for e in logged if e.get("event") == "fhir_deviation"]
+    per_call = sorted(set(deviations))
+    assert per_call and sorted(deviations) == sorted(per_call * 6)  # each call logs its own
