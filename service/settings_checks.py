@@ -42,12 +42,18 @@ def check(settings: Settings) -> None:
         "http.body_timeout_seconds": settings.http.body_timeout_seconds,
         "http.max_connections": settings.http.max_connections,
         "auth.max_token_lifetime_seconds": settings.auth.max_token_lifetime_seconds,
+        "auth.jwks_cache_seconds": settings.auth.jwks_cache_seconds,
         "storage.pool_size": settings.storage.pool_size,
         "storage.timeout_seconds": settings.storage.timeout_seconds,
     }
     for key, value in positive.items():
         if not math.isfinite(value) or value <= 0:
             raise SettingsError(f"{key} must be greater than zero, not {value}")
+    if settings.auth.leeway_seconds < 0:
+        # A negative leeway would refuse every token before it expires.
+        raise SettingsError(
+            f"auth.leeway_seconds must not be negative, not {settings.auth.leeway_seconds}"
+        )
     if rules.igm_very_high_mg_dl < rules.igm_high_mg_dl:
         raise SettingsError("rules.igm_very_high_mg_dl must not be below rules.igm_high_mg_dl")
     terminology = settings.terminology

@@ -221,3 +221,23 @@ def test_metrics_access_is_checked(tmp_path: Path) -> None:
         load_settings(environ={"FLARE_CDS_METRICS_ACCESS": "token"})
     env = {"FLARE_CDS_METRICS_ACCESS": "token", "FLARE_CDS_METRICS_TOKEN": "t0ken"}
     assert load_settings(environ=env).metrics.token == "t0ken"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        # A negative leeway refuses a 60-second token as expired the moment it is made.
+        ("FLARE_CDS_AUTH_LEEWAY_SECONDS", "-100", "auth.leeway_seconds must not be negative"),
+        ("FLARE_CDS_AUTH_JWKS_CACHE_SECONDS", "-1", "auth.jwks_cache_seconds must be greater"),
+        ("FLARE_CDS_AUTH_JWKS_CACHE_SECONDS", "0", "auth.jwks_cache_seconds must be greater"),
+    ],
+)
+def test_impossible_token_check_timings_are_refused(
+    variable: str, value: str, problem: str
+) -> None:
+    with pytest.raises(SettingsError, match=re.escape(problem)):
+        load_settings(environ={variable: value})
+
+
+def test_no_leeway_at_all_is_allowed() -> None:
+    assert load_settings(environ={"FLARE_CDS_AUTH_LEEWAY_SECONDS": "0"}).auth.leeway_seconds == 0
