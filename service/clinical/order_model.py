@@ -162,7 +162,9 @@ def _check(resource: Mapping[str, Any], version: str) -> CheckOutcome:
 
 
 def _absent(problem: _ModelProblem, resource: Mapping[str, Any]) -> bool:
-    return len(problem.path) == 1 and problem.path[0] not in resource
+    # A null is how some clients write "not given"; the rules read it as absent, so it must not
+    # refuse an order that the same field left out would not.
+    return len(problem.path) == 1 and resource.get(str(problem.path[0])) is None
 
 
 def _dotted(path: Sequence[str | int]) -> str:

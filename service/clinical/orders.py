@@ -64,10 +64,11 @@ def _check_medication_fields(resource: Mapping[str, Any], version: str, location
     """A medication that is present must be readable: an unreadable one is a 400, not "none".
 
     No medication at all is an order still being written (the sandbox sends one as soon as its
-    order screen opens): it names no anti-CD20 antibody, so it simply gets no card.
+    order screen opens): it names no anti-CD20 antibody, so it simply gets no card. A null is
+    read as no medication in that field (the other may still name the drug).
     """
     for name in _MEDICATION_FIELDS[version]:
-        if name in resource and not isinstance(resource[name], dict):
+        if resource.get(name) is not None and not isinstance(resource[name], dict):
             raise DraftOrderError(location, f"{name} must be an object")
 
 

@@ -87,3 +87,17 @@ def test_a_re_sent_order_gets_the_same_card_deviations_and_errors(serve_process:
     deviations = [e["path"] for e in logged if e.get("event") == "fhir_deviation"]
     per_call = sorted(set(deviations))
     assert per_call and sorted(deviations) == sorted(per_call * 6)  # each call logs its own
+
+
+def test_null_fields_in_a_draft_order_never_cost_the_warning(serve_process: Any) -> None:
+    # The sandbox shows a 400 as "All clear": a null where a field may be left out must read as
+    # left out, in an order with no other flaw as in one with an unrelated deviation.
+    server = serve_process("")
+    for name in ("order-sign/wm-igm-4500-rituximab", "order-sign/sandbox-r4-rituximab"):
+        for field in ("status", "intent", "subject", "medicationReference"):
+            body = as_of_today(load_fixture(name))
+            body["context"]["draftOrders"]["entry"][0]["resource"][field] = None
+            answer = _post(server, SIGN, body)
+            assert answer.status_code == 200, (name, field, answer.text)
+            [card] = answer.json()["cards"]
+            assert card["indicator"] == "warning", (name, field)

@@ -456,3 +456,37 @@ def test_the_indication_is_read_from_reason_code_reference_and_contained_conditi
     assert {"text": "Waldenström macroglobulinemia"} in order.reasons
     assert {"coding": [{"system": icd, "code": "C88.0"}]} in order.reasons
     assert order.reason_references == ("Condition/wm-1",)
+
+
+@pytest.mark.parametrize("field", ["status", "intent", "subject", "id"])
+@pytest.mark.parametrize("other_deviation", [{}, {"category": {"coding": [{"code": "x"}]}}])
+def test_a_null_read_field_is_read_as_absent_whatever_else_deviates(
+    field: str, other_deviation: dict[str, Any]
+) -> None:
+    # Left out, these fields are tolerated; written as null they must be too, and the answer
+    # must not depend on an unrelated deviation (which once turned the null into a 400).
+    request = med_request(coded("121191"), "rtx", **R4_DOSE, **other_deviation)
+    request[field] = None
+    [order] = find_drug_orders(bundle(request), GROUPS)
+    assert order.drug == "rituximab" and order.status in ("draft", "")
+
+
+def test_a_null_medication_concept_beside_a_reference_still_names_the_drug() -> None:
+    request = med_request(
+        {"medicationCodeableConcept": None, "medicationReference": {"reference": "#m"}},
+        "rtx",
+        contained=[
+            {
+                "resourceType": "Medication",
+                "id": "m",
+                **{"code": coded("121191")["medicationCodeableConcept"]},
+            }
+        ],
+    )
+    [order] = find_drug_orders(bundle(request), GROUPS)
+    assert order.drug == "rituximab" and order.reference == "MedicationRequest/rtx"
+
+
+def test_a_medication_that_is_neither_an_object_nor_null_is_still_refused() -> None:
+    with pytest.raises(DraftOrderError, match="medicationCodeableConcept must be an object"):
+        find_drug_orders(bundle(med_request({"medicationCodeableConcept": "rituximab"})), GROUPS)
