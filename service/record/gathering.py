@@ -76,6 +76,8 @@ def _check_value(key: str, value: Mapping[str, Any], patient_id: str, where: str
         for index, item in enumerate(items):
             if not isinstance(item, dict):
                 raise InvalidPrefetch(f"{where}.{field}[{index}]", "must be an object")
+            if field == "entry" and "resource" in item:
+                _check_entry_resource(item["resource"], f"{where}.entry[{index}].resource")
     expected = RECORD_KEYS[key][1]
     for resource in bundle_resources(value):
         if resource.get("resourceType") != expected or references_patient(resource, patient_id):
@@ -83,6 +85,35 @@ def _check_value(key: str, value: Mapping[str, Any], patient_id: str, where: str
         raise InvalidPrefetch(
             where,
             f"{expected}/{resource.get('id')} is about another patient, not Patient/{patient_id}",
+        )
+
+
+def _check_entry_resource(resource: Any, where: str) -> None:
+    """An entry's resource must be one: the readers skip what is not, and a result skipped for
+    its shape would read as "no such result" (entries of other types, such as included
+    Medications, are kept for what they are)."""
+    if not isinstance(resource, dict):
+        raise InvalidPrefetch(where, "must be a FHIR resource (an object)")
+    kind = resource.get("resourceType")
+    if not isinstance(kind, str) or not kind:
+        raise InvalidPrefetch(f"{where}.resourceType", "must name the resource's type")
+
+
+def _check_patient(value: Any, patient_id: str) -> None:
+    """No rule reads the Patient, but one sent for another patient says the prefetch was
+    gathered for the wrong chart: nothing in it can be trusted for this one."""
+    if value is None or _needs_fetch(value):
+        return
+    if not isinstance(value, dict):
+        raise InvalidPrefetch("prefetch.patient", "must be a FHIR resource or null")
+    if value.get("resourceType") != "Patient":
+        raise InvalidPrefetch(
+            "prefetch.patient", f"expected a FHIR Patient, got {value.get('resourceType')!r}"
+        )
+    sent = value.get("id")
+    if isinstance(sent, str) and sent and sent != patient_id:
+        raise InvalidPrefetch(
+            "prefetch.patient", f"Patient/{sent[:64]} is another patient, not Patient/{patient_id}"
         )
 
 
@@ -98,8 +129,10 @@ def gather_record(
     # Why each key must be fetched, so a 412 without fhirServer says what the client sent.
     lacking: dict[str, str] = {}
     for key, template in definition.prefetch.items():
+        if key == "patient":
+            _check_patient(prefetch.get(key), patient_id)
         if key not in RECORD_KEYS:
-            continue  # e.g. `patient`: asked for, but no rule depends on it
+            continue  # `patient`: asked for, but no rule depends on it
         query = fill_template(template, context)
         value = prefetch.get(key, ...)
         if value is None:

@@ -380,6 +380,19 @@ def test_queries_run_concurrently(tmp_path: Path, fhir: FhirTestServer) -> None:
         ({"entry": {"resource": {}}}, "prefetch.igm.entry", "must be an array"),
         ({"entry": 7}, "prefetch.igm.entry", "must be an array"),
         ({"entry": ["x"]}, "prefetch.igm.entry[0]", "must be an object"),
+        # Skipped, these would read as "no such result" and cost the card.
+        ({"entry": [{"resource": "x"}]}, "prefetch.igm.entry[0].resource", "a FHIR resource"),
+        ({"entry": [{"resource": []}]}, "prefetch.igm.entry[0].resource", "a FHIR resource"),
+        (
+            {"entry": [{"resource": {"id": "igm-1", "status": "final"}}]},
+            "prefetch.igm.entry[0].resource.resourceType",
+            "must name the resource's type",
+        ),
+        (
+            {"entry": [{"resource": {"resourceType": 5}}]},
+            "prefetch.igm.entry[0].resource.resourceType",
+            "must name the resource's type",
+        ),
         ({"link": 7}, "prefetch.igm.link", "must be an array"),
         ({"resourceType": "Observation"}, "prefetch.igm", "expected a FHIR Bundle"),
     ],
@@ -397,6 +410,66 @@ def test_malformed_prefetch_bundle_is_400_not_a_guess(
     assert error["error"] == "invalid_prefetch"
     assert error["details"][0]["location"] == location
     assert problem in error["details"][0]["problem"]
+    assert fhir.requests == []
+
+
+@pytest.mark.parametrize(
+    ("patient", "problem"),
+    [
+        ({"resourceType": "Patient", "id": "someone-else"}, "Patient/someone-else is another"),
+        ({"resourceType": "Bundle", "type": "searchset"}, "expected a FHIR Patient"),
+    ],
+)
+def test_a_prefetched_patient_who_is_not_the_context_patient_is_400(
+    app: Any, fhir: FhirTestServer, patient: Any, problem: str
+) -> None:
+    # No rule reads the Patient, but one for another patient means the prefetch was gathered
+    # for the wrong chart: its results must not be judged as this patient's.
+    body = fetching(load_fixture(ORDER), fhir.base_url, drop=())
+    body["prefetch"]["patient"] = patient
+    response = post_hook(app.test_client(), body)
+    assert response.status_code == 400, response.get_json()
+    error = response.get_json()
+    assert_conforms(error, "Error")
+    assert error["error"] == "invalid_prefetch"
+    assert error["details"][0]["location"] == "prefetch.patient"
+    assert problem in error["details"][0]["problem"]
+
+
+@pytest.mark.parametrize(
+    "patient",
+    [
+        None,
+        {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]},
+        {"resourceType": "Patient"},  # no id to compare
+        {"resourceType": "Patient", "id": "wm-igm-4500", "name": [{"family": "Lindqvist"}]},
+    ],
+)
+def test_a_prefetched_patient_that_is_absent_or_the_context_patient_is_answered(
+    app: Any, fhir: FhirTestServer, patient: Any
+) -> None:
+    body = fetching(load_fixture(ORDER), fhir.base_url, drop=())
+    body["prefetch"]["patient"] = patient
+    response = post_hook(app.test_client(), body)
+    assert response.status_code == 200, response.get_json()
+    assert [c["indicator"] for c in response.get_json()["cards"]] == ["warning"]
+    assert fhir.requests == []  # the Patient is never fetched: no rule needs it
+
+
+def test_entries_without_a_resource_or_of_another_type_are_passed_over(
+    app: Any, fhir: FhirTestServer
+) -> None:
+    # A search may include other resources (a Medication) or carry an entry with nothing in it:
+    # neither is a result the rules could have read, so the call is answered as before.
+    body = fetching(load_fixture(ORDER), fhir.base_url, drop=())
+    body["prefetch"]["igm"]["entry"] += [
+        {"fullUrl": "urn:uuid:0b5f4a52-3cf5-4d4e-8a3c-0d7e1c1c1c1c"},
+        {"resource": {"resourceType": "Medication", "id": "m1"}, "search": {"mode": "include"}},
+    ]
+    response = post_hook(app.test_client(), body)
+    assert response.status_code == 200, response.get_json()
+    [card] = response.get_json()["cards"]
+    assert card["indicator"] == "warning"
     assert fhir.requests == []
 
 
