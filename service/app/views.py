@@ -221,9 +221,13 @@ def _linked_finding(app_context: Any) -> str | None:
         value = json.loads(app_context)
     except ValueError:
         return None
-    finding = value.get("finding") if isinstance(value, dict) else None
-    if isinstance(finding, str) and finding.replace("-", "").isalpha() and len(finding) <= 64:
-        return finding
+    return _finding_name(value.get("finding") if isinstance(value, dict) else None)
+
+
+def _finding_name(value: Any) -> str | None:
+    """A finding code as the cards write them (letters and hyphens), else None."""
+    if isinstance(value, str) and value.replace("-", "").isalpha() and len(value) <= 64:
+        return value
     return None
 
 
@@ -238,7 +242,7 @@ def timeline() -> Any:
         patient = request.args.get("patient", "")
         if not FHIR_ID.match(patient):
             return _error(400, "bad_patient", "The link does not name a patient by FHIR id.")
-        token, finding = None, None
+        token, finding = None, _finding_name(request.args.get("finding"))
     else:
         session = services.state().session(request.cookies.get(SESSION_COOKIE, ""))
         if session is None:

@@ -26,7 +26,11 @@ class TimelineTarget:
 
     def link(self, finding: str, card_uuid: str) -> dict[str, Any]:
         if self.open_server and self.patient_id:
-            query = urlencode({"iss": self.open_server, "patient": self.patient_id})
+            # The finding puts the card's own reading first on the page, as appContext does
+            # for a SMART launch; it names a rule, nothing about the patient.
+            query = urlencode(
+                {"iss": self.open_server, "patient": self.patient_id, "finding": finding}
+            )
             return {
                 "label": LABEL,
                 "url": f"{self.base_url}/app/timeline?{query}",

@@ -66,7 +66,11 @@ def test_open_fhir_server_without_authorization_gets_an_absolute_link(tmp_path) 
     assert link["type"] == "absolute" and "appContext" not in link
     url = urlsplit(link["url"])
     assert f"{url.scheme}://{url.netloc}{url.path}" == f"{BASE}/app/timeline"
-    assert parse_qs(url.query) == {"iss": [open_server], "patient": ["flare-after-rituximab"]}
+    assert parse_qs(url.query) == {
+        "iss": [open_server],
+        "patient": ["flare-after-rituximab"],
+        "finding": [card["source"]["topic"]["code"]],
+    }
     # With an access token the same server is not "open": the link is a SMART launch.
     authorized = {
         **body,
@@ -111,6 +115,41 @@ def test_open_server_page_reads_the_same_summary_as_the_card(tmp_path, agent: Ag
             assert refused.status_code == 403
             assert "not an allowed FHIR server" in refused.text
             assert fhir.requests == []
+
+
+def test_an_order_cards_absolute_link_opens_on_that_cards_reading(tmp_path, agent: Agent) -> None:
+    # Without the finding in the link, the page showed only the patient-view rules ("no flare,
+    # no card due") under a warning the clinician had just been given.
+    with FhirTestServer() as fhir:
+        body = load_fixture("order-sign/wm-igm-4500-rituximab")
+        fhir.add_resources(v for v in body["prefetch"].values() if v)
+        settings = test_settings(
+            tmp_path,
+            app={"open_fhir_servers": (fhir.base_url,)},
+            fhir={"deadline_seconds": 5.0, "read_timeout_seconds": 5.0},
+        )
+        app = create_app(settings, clock=lambda: FIXTURE_NOW)
+        [card] = post_hook(app.test_client(), {**body, "fhirServer": fhir.base_url}).get_json()[
+            "cards"
+        ]
+        assert card["indicator"] == "warning"
+        [link] = card["links"]
+        assert link["type"] == "absolute"
+        with LiveServer(app) as server:
+            page = agent.get(
+                server.url + urlsplit(link["url"]).path + "?" + urlsplit(link["url"]).query
+            )
+            assert page.status_code == 200, page.text
+            # The draft order is not on record yet, so the order reading cannot be recomputed:
+            # the page says so, as it does after a SMART launch from the same card.
+            assert "The card came from an order hook" in page.text
+            unlinked = urlencode({"iss": fhir.base_url, "patient": "wm-igm-4500"})
+            plain = agent.get(f"{server.url}/app/timeline?{unlinked}")
+            assert plain.status_code == 200 and "The card came from an order hook" not in plain.text
+            # A finding the link makes up is ignored, never echoed.
+            forged = urlencode({"iss": fhir.base_url, "patient": "wm-igm-4500", "finding": "<b>x"})
+            odd = agent.get(f"{server.url}/app/timeline?{forged}")
+            assert odd.status_code == 200 and "<b>x" not in odd.text
 
 
 def test_absolute_links_are_off_by_default(tmp_path, agent: Agent) -> None:
