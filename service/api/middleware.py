@@ -269,6 +269,14 @@ def _check_json_body(max_containers: int) -> None:
         return
     if (request.mimetype or "").lower() not in JSON_BODY_TYPES:
         return
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        # Read as JSON, compressed bytes would only be "invalid JSON".
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Encoding {encoding[:40]} is not accepted; send the body uncompressed",
+        )
     # Cached, so the route's own get_data() reads this copy; a body over the limit is a 413 here.
     raw = request.get_data(cache=True)
     shape = _bracket_shape(raw)

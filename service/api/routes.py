@@ -41,6 +41,8 @@ def read_json_body(prune: frozenset[str] = frozenset()) -> Any:
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "the body is not UTF-8 text") from None
     except json_codec.JSONDecodeError as exc:
+        if "not valid UTF-8" in exc.msg:  # orjson's message for bytes that are not UTF-8
+            raise ApiError(400, "invalid_json", "the body is not UTF-8 text") from None
         raise ApiError(
             400,
             "invalid_json",

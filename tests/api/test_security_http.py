@@ -8,6 +8,7 @@ Client JWTs are signed on the real clock (the verifier's); clinical data stays a
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import time
@@ -488,6 +489,44 @@ def test_non_json_bodies_are_415(client: Any, path: str, content_type: str | Non
     if content_type:
         kwargs["content_type"] = content_type
     assert_error(client.post(path, **kwargs), 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP"])
+@pytest.mark.parametrize("path", [HOOK, FEEDBACK])
+def test_a_compressed_body_is_415_and_says_why(client: Any, path: str, encoding: str) -> None:
+    # Read as JSON, compressed bytes were "invalid JSON ... surrogates not allowed".
+    body = gzip.compress(json.dumps(load_fixture(SCENARIO)).encode())
+    response = client.post(
+        path, data=body, content_type="application/json", headers={"Content-Encoding": encoding}
+    )
+    error = assert_error(response, 415, "unsupported_media_type")
+    assert f"Content-Encoding {encoding.lower()} is not accepted" in error["message"]
+
+
+def test_an_identity_encoded_body_is_read(client: Any) -> None:
+    response = client.post(
+        HOOK,
+        data=json.dumps(load_fixture(SCENARIO)),
+        content_type="application/json",
+        headers={"Content-Encoding": "identity"},
+    )
+    assert response.status_code == 200, response.get_json()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"hook": "order-sign", "hookInstance": "\xff"}',  # a byte no UTF-8 text holds
+        json.dumps({"hook": "order-sign"}).encode("utf-16"),
+        json.dumps({"hook": "order-sign"}).encode("latin-1") + "é".encode("latin-1"),
+    ],
+)
+@pytest.mark.parametrize("path", [HOOK, FEEDBACK])
+def test_a_body_that_is_not_utf8_is_400_saying_so(client: Any, path: str, body: bytes) -> None:
+    error = assert_error(
+        client.post(path, data=body, content_type="application/json"), 400, "invalid_json"
+    )
+    assert error["message"] == "the body is not UTF-8 text"
 
 
 def test_an_unexpected_exception_is_a_bare_500(
