@@ -7,6 +7,7 @@ page refuses any iss not on the list."""
 from __future__ import annotations
 
 import json
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
@@ -90,16 +91,21 @@ def test_open_fhir_server_without_authorization_gets_an_absolute_link(tmp_path) 
     assert card["links"][0]["type"] == "smart"
 
 
+def _open_server_app(tmp_path: Any, fhir: FhirTestServer, fixture: str) -> tuple[Any, Any]:
+    """An app that links to `fhir` as an open server holding the fixture's data, and the body."""
+    body = load_fixture(fixture)
+    fhir.add_resources(v for v in body["prefetch"].values() if v)
+    settings = test_settings(
+        tmp_path,
+        app={"open_fhir_servers": (fhir.base_url,)},
+        fhir={"deadline_seconds": 5.0, "read_timeout_seconds": 5.0},
+    )
+    return create_app(settings, clock=lambda: FIXTURE_NOW), body
+
+
 def test_open_server_page_reads_the_same_summary_as_the_card(tmp_path, agent: Agent) -> None:
     with FhirTestServer() as fhir:
-        body = load_fixture("patient-view/flare-after-rituximab")
-        fhir.add_resources(v for v in body["prefetch"].values() if v)
-        settings = test_settings(
-            tmp_path,
-            app={"open_fhir_servers": (fhir.base_url,)},
-            fhir={"deadline_seconds": 5.0, "read_timeout_seconds": 5.0},
-        )
-        app = create_app(settings, clock=lambda: FIXTURE_NOW)
+        app, body = _open_server_app(tmp_path, fhir, "patient-view/flare-after-rituximab")
         [card] = post_hook(app.test_client(), body).get_json()["cards"]
         with LiveServer(app) as server:
             query = urlencode({"iss": fhir.base_url, "patient": "flare-after-rituximab"})
@@ -121,14 +127,7 @@ def test_an_order_cards_absolute_link_opens_on_that_cards_reading(tmp_path, agen
     # Without the finding in the link, the page showed only the patient-view rules ("no flare,
     # no card due") under a warning the clinician had just been given.
     with FhirTestServer() as fhir:
-        body = load_fixture("order-sign/wm-igm-4500-rituximab")
-        fhir.add_resources(v for v in body["prefetch"].values() if v)
-        settings = test_settings(
-            tmp_path,
-            app={"open_fhir_servers": (fhir.base_url,)},
-            fhir={"deadline_seconds": 5.0, "read_timeout_seconds": 5.0},
-        )
-        app = create_app(settings, clock=lambda: FIXTURE_NOW)
+        app, body = _open_server_app(tmp_path, fhir, "order-sign/wm-igm-4500-rituximab")
         [card] = post_hook(app.test_client(), {**body, "fhirServer": fhir.base_url}).get_json()[
             "cards"
         ]

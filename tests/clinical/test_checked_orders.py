@@ -14,28 +14,18 @@ from service.clinical.checked_orders import CheckMemo, CheckOutcome
 from service.clinical.orders import DraftOrderError, find_drug_orders
 from service.clinical.terminology import build_terminology
 from service.settings import TerminologySettings
+from tests.clinical.test_orders import bundle, med_request
 
 GROUPS = build_terminology(TerminologySettings()).anti_cd20
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 
 
 def order(rid: str = "rtx", **extra: Any) -> dict[str, Any]:
-    return {
-        "resourceType": "MedicationRequest",
-        "id": rid,
-        "status": "draft",
-        "intent": "order",
-        "subject": {"reference": "Patient/p1"},
-        "medicationCodeableConcept": {
-            "coding": [{"system": RXNORM, "code": "121191"}],
-            "text": "rituximab 375 mg/m2 for Waldenström",
-        },
-        **extra,
+    medication = {
+        "coding": [{"system": RXNORM, "code": "121191"}],
+        "text": "rituximab 375 mg/m2 for Waldenström",
     }
-
-
-def bundle(*resources: dict[str, Any]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "entry": [{"resource": r} for r in resources]}
+    return med_request({"medicationCodeableConcept": medication}, rid, **extra)
 
 
 @pytest.fixture
