@@ -127,8 +127,8 @@ def validate(
     are returned as deviations. A required field that is absent is a deviation too: the rules
     do without it, and only a value that is present and unreadable is refused.
 
-    An order already checked by this worker is answered from CHECKED (service.clinical.
-    checked_orders): re-sent orders are the rule with order-select.
+    An order already checked by this worker is answered from CHECKED (see
+    service.clinical.checked_orders): re-sent orders are the rule with order-select.
     """
     if version == "DSTU2":
         return version, ()  # no DSTU2 models ship with fhir.resources; the fields read were checked

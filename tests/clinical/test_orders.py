@@ -479,7 +479,7 @@ def test_a_null_medication_concept_beside_a_reference_still_names_the_drug() -> 
             {
                 "resourceType": "Medication",
                 "id": "m",
-                **{"code": coded("121191")["medicationCodeableConcept"]},
+                "code": coded("121191")["medicationCodeableConcept"],
             }
         ],
     )
