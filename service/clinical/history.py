@@ -104,7 +104,12 @@ class TreatmentHistory:
 def drug_of(
     resource: Mapping[str, Any], groups: tuple[DrugGroup, ...], meds: Mapping[str, Any]
 ) -> str | None:
-    for concept in medication_concepts(resource, meds):
+    return _drug_named(medication_concepts(resource, meds), groups)
+
+
+def _drug_named(concepts: Sequence[Mapping[str, Any]], groups: tuple[DrugGroup, ...]) -> str | None:
+    """The drug of the first of a resource's medication concepts that names one in `groups`."""
+    for concept in concepts:
         match = match_drug(concept, groups)
         if match is not None:
             return match[0].name
@@ -171,7 +176,7 @@ def _ref(resource: Mapping[str, Any]) -> str:
 def _courses(
     doses: Sequence[Dose],
     recorded: Sequence[Dose],
-    record: PatientRecord,
+    requests: Sequence[tuple[Mapping[str, Any], list[Mapping[str, Any]]]],
     terminology: Terminology,
     gap: timedelta,
     now: datetime,
@@ -187,12 +192,14 @@ def _courses(
             courses.append(Course(dose.when, (dose,), None, dose.drug))
     # Orders whose start no recorded dose accounts for stand for a course start of their own.
     inferred = []
-    for request in record.medication_requests:
+    for request, concepts in requests:
         if text(request.get("status")) not in COURSE_ORDER_STATUSES:
             continue
-        drug = drug_of(request, terminology.anti_cd20, record.medications)
+        drug = _drug_named(concepts, terminology.anti_cd20)
+        if drug is None:
+            continue  # most orders on a chart are for other drugs: no start to read
         start = request_start(request)
-        if drug is None or start is None or start > now:
+        if start is None or start > now:
             continue
         if any(abs(dose.when - start) <= gap for dose in (*doses, *recorded)):
             continue  # the administrations tell what happened to this order
@@ -206,11 +213,14 @@ def _courses(
 
 
 def _btk_stops(
-    record: PatientRecord, terminology: Terminology, rules: RulesSettings, now: datetime
+    requests: Sequence[tuple[Mapping[str, Any], list[Mapping[str, Any]]]],
+    terminology: Terminology,
+    rules: RulesSettings,
+    now: datetime,
 ) -> list[BtkStop]:
     orders = []
-    for request in record.medication_requests:
-        drug = drug_of(request, terminology.btk_inhibitors, record.medications)
+    for request, concepts in requests:
+        drug = _drug_named(concepts, terminology.btk_inhibitors)
         if drug is not None:
             orders.append((request, drug))
     window = timedelta(days=rules.btk_hold_window_days)
@@ -254,10 +264,13 @@ def build_history(
     # An entered-in-error record says nothing happened; not-done says the dose was not given.
     accounted = [d for d in not_counted if d.status != "entered-in-error"]
     gap = timedelta(days=rules.course_gap_days)
+    # Each order's medication concepts, read once for both the anti-CD20 and the BTK check.
+    meds = record.medications
+    requests = [(r, medication_concepts(r, meds)) for r in record.medication_requests]
     return TreatmentHistory(
         doses=tuple(doses),
-        courses=tuple(_courses(doses, accounted, record, terminology, gap, now)),
-        btk_stops=tuple(_btk_stops(record, terminology, rules, now)),
+        courses=tuple(_courses(doses, accounted, requests, terminology, gap, now)),
+        btk_stops=tuple(_btk_stops(requests, terminology, rules, now)),
         exchanges=tuple(_exchanges(record, terminology, now)),
         not_counted=tuple(not_counted),
     )

@@ -38,14 +38,17 @@ class DrugOrder:
     deviations: tuple[Deviation, ...] = ()
 
 
+# Fields only an STU3 MedicationRequest has.
+_STU3_ONLY = ("context", "definition", "eventHistory")
+
+
 def _version_of(resource: Mapping[str, Any]) -> str:
     if resource.get("resourceType") == "MedicationOrder":
         return "DSTU2"
     if "medication" in resource:
         return "R5"
     requester = resource.get("requester")
-    stu3_only = ("context", "definition", "eventHistory")
-    if any(key in resource for key in stu3_only) or (
+    if not resource.keys().isdisjoint(_STU3_ONLY) or (
         isinstance(requester, dict) and "agent" in requester
     ):
         return "STU3"

@@ -81,10 +81,13 @@ class Terminology:
 
 def codings_of(concept: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """(system, code) pairs of a CodeableConcept, normalised; malformed codings are skipped."""
-    if not isinstance(concept, dict):
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    if not isinstance(codings, list):
         return []
     pairs = []
-    for coding in objects(concept.get("coding")):
+    for coding in codings:  # objects(), inlined: this runs for every coded resource
+        if not isinstance(coding, dict):
+            continue
         system, code = coding.get("system"), coding.get("code")
         if isinstance(system, str) and isinstance(code, str):
             pairs.append(normalise_code(system, code))
@@ -95,9 +98,12 @@ def concept_matches(
     concept: Mapping[str, Any] | None, codes: frozenset[tuple[str, str]] | ConditionSet
 ) -> bool:
     """Whether a coding of the CodeableConcept is in `codes` (normalised pairs)."""
-    if not isinstance(concept, dict):
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    if not isinstance(codings, list):
         return False
-    for coding in objects(concept.get("coding")):
+    for coding in codings:  # objects(), inlined: this runs for every result read
+        if not isinstance(coding, dict):
+            continue
         system, code = coding.get("system"), coding.get("code")
         if not isinstance(system, str) or not isinstance(code, str):
             continue
@@ -113,8 +119,11 @@ def concept_named(concept: Mapping[str, Any] | None, pattern: re.Pattern[str]) -
     if not isinstance(concept, dict):
         return None
     texts = [concept.get("text")] + [c.get("display") for c in objects(concept.get("coding"))]
-    for text in texts:
-        if isinstance(text, str) and search_names(pattern, text):
+    strings = [text for text in texts if isinstance(text, str)]
+    if _no_name_in(pattern, strings):
+        return None
+    for text in strings:
+        if search_names(pattern, text):
             return text.strip()
     return None
 
@@ -131,6 +140,17 @@ def search_names(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
     return pattern.search(text)
 
 
+def _no_name_in(pattern: re.Pattern[str], texts: list[str]) -> bool:
+    """True when search_names(pattern, text) is None for every one of `texts`, told by a single
+    screen of them joined (a name in one of them is in the joined text); False when unsure."""
+    names = _plain_names(pattern)
+    if names is None or not texts:
+        return names is not None
+    joined = "\n".join(texts)
+    folded = (joined if joined.isascii() else joined.translate(_FOLD_TO_ASCII)).lower()
+    return not any(map(folded.__contains__, names))
+
+
 def match_drug(
     concept: Mapping[str, Any] | None, groups: tuple[DrugGroup, ...]
 ) -> tuple[DrugGroup, str] | None:
@@ -143,8 +163,19 @@ def match_drug(
     if not isinstance(concept, dict):
         return None
     any_code, any_name = _screen(groups)
-    pairs = codings_of(concept)
-    for group in groups if any(pair in any_code for pair in pairs) else ():
+    # One pass over the codings (as codings_of and objects() would read them): their pairs for
+    # the codes, their displays for the names.
+    pairs: list[tuple[str, str]] = []
+    texts = [concept.get("text")]
+    codings = concept.get("coding")
+    for coding in codings if isinstance(codings, list) else ():
+        if not isinstance(coding, dict):
+            continue
+        texts.append(coding.get("display"))
+        system, code = coding.get("system"), coding.get("code")
+        if isinstance(system, str) and isinstance(code, str):
+            pairs.append(normalise_code(system, code))
+    for group in () if any_code.isdisjoint(pairs) else groups:
         matched = [pair for pair in pairs if pair in group.codes]
         if matched:
             verified = [pair for pair in matched if pair not in group.unverified]
@@ -153,10 +184,11 @@ def match_drug(
             if not verified:
                 how += " (code not verified)"
             return group, how
-    texts = [concept.get("text")]
-    texts += [c.get("display") for c in objects(concept.get("coding"))]
-    for text in texts:
-        if not isinstance(text, str) or not search_names(any_name, text):
+    strings = [text for text in texts if isinstance(text, str)]
+    if _no_name_in(any_name, strings):
+        return None  # most orders on a chart: no name of any group in any of their texts
+    for text in strings:
+        if not search_names(any_name, text):
             continue
         for group in groups:
             if group.name_pattern.search(text):

@@ -1,0 +1,95 @@
+"""The quicker readings of the hot paths give what the plain ones give, for any input."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.clinical.observations import Reading, _reading, parse_fhir_datetime
+from service.clinical.terminology import (
+    _no_name_in,
+    _plain_names,
+    _screen,
+    build_terminology,
+    search_names,
+)
+from service.settings import TerminologySettings
+
+# The FHIR date grammar as one pattern, read as parse_fhir_datetime read it before it was split.
+_ONE_PATTERN = re.compile(
+    r"^(?P<year>\d{4})(-(?P<month>\d{2})(-(?P<day>\d{2})"
+    r"(T(?P<time>\d{2}:\d{2}(:\d{2}(\.\d+)?)?)(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+
+
+def _one_pattern_reading(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    match = _ONE_PATTERN.match(text)
+    if not match:
+        return None
+    try:
+        if match["time"] is None:
+            day = int(match["day"] or 1)
+            return datetime(int(match["year"]), int(match["month"] or 1), day, tzinfo=UTC)
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
+_DATE_PIECES = st.lists(
+    st.sampled_from([*"0123456789", "\u0662", "-", "T", ":", ".", "Z", "+", " ", "\n", "W"]),
+    max_size=32,
+).map("".join)
+_DATE_TIMES = st.builds(
+    lambda y, mo, d, h, mi, s, z: f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:{mi:02d}{s}{z}",
+    st.integers(0, 9999),
+    st.integers(0, 13),
+    st.integers(0, 32),
+    st.integers(0, 25),
+    st.integers(0, 61),
+    st.sampled_from(["", ":00", ":59", ":60", ":00.1", ":00.123456789"]),
+    st.sampled_from(["", "Z", "+14:00", "-12:00", "+2:00", "+99:99"]),
+)
+
+
+@given(st.one_of(_DATE_PIECES, _DATE_TIMES, st.text(max_size=24)))
+def test_dates_read_as_with_one_pattern(text: str) -> None:
+    for candidate in (text, text[:4], text[:7], text[:10], f" {text}\n"):
+        assert parse_fhir_datetime(candidate) == _one_pattern_reading(candidate)
+
+
+def test_a_reading_made_quickly_is_the_reading() -> None:
+    values = ("o1", datetime(2026, 11, 15, tzinfo=UTC), 4.5, "g/L", ">", "final", 450.0, [], "igm")
+    quick, plain = _reading(*values), Reading(*values)
+    assert quick == plain and vars(quick) == vars(plain)
+    assert list(vars(quick)) == [f.name for f in dataclasses.fields(Reading)]
+    assert quick.reference_high == plain.reference_high
+    assert hash(quick) == hash(plain)
+
+
+_TERMINOLOGY = build_terminology(TerminologySettings(anti_cd20_names=("Foo drug",)))
+_NAMES = ("rituximab", "RITUXAN", "Rituximab-abbs", "ibrutinib", "apixaban", "foo drug")
+# Characters that fold to ASCII letters, separators, a final sigma, a name that is not ASCII.
+_ODD = ("\u0130", "\u017f", "\u212a", "\n", " ", "-", "x", "\u03a3", "Waldenstr\u00f6m")
+_WORDS = st.sampled_from(_NAMES) | st.sampled_from(_ODD)
+
+
+@given(st.lists(st.lists(_WORDS, max_size=4).map(" ".join), max_size=3))
+def test_one_screen_of_joined_texts_never_rules_out_a_name(texts: list[str]) -> None:
+    screens = [
+        _screen(groups)[1] for groups in (_TERMINOLOGY.anti_cd20, _TERMINOLOGY.btk_inhibitors)
+    ]
+    assert all(_plain_names(pattern) is not None for pattern in screens)
+    for pattern in (*screens, _TERMINOLOGY.wm_conditions.name_pattern):
+        if _no_name_in(pattern, texts):
+            assert not any(search_names(pattern, text) for text in texts)
