@@ -66,8 +66,9 @@ FEEDBACK = Counter(
 )
 ISSUED_RECORDS = Counter(
     "flare_cds_issued_card_records",
-    "Issued-card records: stored on the answer path, spooled on local disk for retry, stored "
-    "later from the spool, or lost (neither store nor spool could take them)",
+    "Issued-card records: stored from the spool, spooled (the store refused them; kept on "
+    "local disk for retry), recovered (stored after a retry, or from a dead process's spool), "
+    "or lost (the spool could not take them)",
     ["result"],
 )
 STORE_ERRORS = Counter(

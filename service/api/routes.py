@@ -86,7 +86,8 @@ def call_service(service_id: str) -> Response:
 
 def _record_issued(rt: Runtime, service_id: str, hook: str, result: Any) -> None:
     """Remember what was sent so feedback can be joined to it; never fail the clinical answer:
-    the recorder spools what the store cannot take now (service.storage.issued_spool)."""
+    the recorder appends it to this process's spool and writes that to the store in batches
+    (service.storage.issued_spool)."""
     try:
         from service.storage.feedback import IssuedCard, patient_hash
 
@@ -131,6 +132,9 @@ def feedback(service_id: str) -> Response:
     from service.storage.feedback import InvalidFeedback
 
     try:
+        # Cards answered a moment ago may still be on their way to the store: a card is known
+        # to the feedback posted right after it (service.storage.issued_spool).
+        rt.issued_recorder().settle()
         result = rt.store().record_feedback(service_id, body["feedback"], datetime.now(UTC))
     except InvalidFeedback as exc:
         # Located like a schema problem, so a client fixes the field the same way either way.

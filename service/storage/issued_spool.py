@@ -1,56 +1,92 @@
-"""Issued-card records that never hold back a card: written to the store when it answers, else
-kept on this host's disk and written later by a background thread.
+"""Issued-card records that never hold back a card: appended to this process's spool file on the
+answer path, and written to the store in batches by a background thread.
 
-Durability: before a call's answer is sent, each of its cards' records is either committed in
-the store or appended to a spool file and fsync'd, so a crash after the answer loses none. Spool
-files live in `storage.spool_directory`; each is locked (flock) by the live process that writes
-it, and any worker on the host that finds one unlocked (its writer died) adopts and drains it.
-Writing a record twice is harmless (the store ignores a uuid it has). Records that neither the
-store nor the spool could take (a full disk as well as a store down) are counted and logged as
-lost, with counts only: the record holds a patient hash, which has no place in logs.
+Durability: before a call's answer is sent, its cards' records are appended to a spool file in
+`storage.spool_directory` with one write(2). From then on they survive the death of the process
+(SIGKILL, the OOM killer, a crash): the kernel holds the bytes whether or not the process lives
+on. The background writer wakes FLUSH_SECONDS after a record it has not written, takes the whole
+file (new records go to a new one from then on), writes it to the store in transactions of up to
+BATCH rows (SQLite: synchronous=FULL, on disk at commit) and removes the file only once the store
+has every record in it. A power failure of the host itself can lose what was appended since the
+last write, about FLUSH_SECONDS of records; a crash of the service loses none.
 
-Group commit: calls that arrive while a write is in flight do not each commit (one fsync per
-call on SQLite). A caller queues its records; if no write is in flight it leads: it takes the
-queue (up to BATCH rows, whole calls only, oldest first), writes it in one store call, marks
-those calls done or failed and wakes the rest; the others wait and join the next batch. A
-caller returns only once its own records are committed, or, when the batch that held them
-failed, once it has spooled them as above, so the durability promise is the same for each
-call. The wait uses `threading` (monkey-patched into cooperative primitives under the gevent
-worker, where the leader's store call runs on the store's native thread).
+Committing each call's records before answering (as this module once did, with group commit)
+cost about a quarter of a hook call's CPU in the served worker: a transaction, an fsync and the
+hand-off to the store's native thread for every call.
+
+Each spool file is locked (flock) by the live process that writes it; any worker on the host that
+finds one unlocked (its writer died) adopts and drains it. Writing a record twice is harmless
+(the store ignores a uuid it has). While the store is down the files stay and the writer retries,
+backing off. Records that the disk did not take (a full disk, a missing folder) are counted and
+logged as lost, with counts only: a record holds a patient hash, which has no place in logs.
+
+Feedback may be posted right after its card: `settle()` writes every record spooled on this host
+so far (this process's and other live processes', whose files stay theirs) before the feedback is
+stored, so the card is known to it.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from service.storage.feedback import IssuedCard
 
 log = logging.getLogger("service.storage.issued")
 
-# Between attempts to drain the spool while the store is down: short first, then backing off.
+# How long the writer waits after the first record it has not written, so that the calls that
+# follow share its transaction; also what a power failure of the host can cost.
+FLUSH_SECONDS = 0.05
+# Between attempts to write the spool while the store is down: short first, then backing off.
 FIRST_RETRY_SECONDS = 0.5
 MAX_RETRY_SECONDS = 10.0
 BATCH = 500
+SPOOL_GLOB = "issued-*.jsonl"
 
 Count = Callable[[str, int], None]  # (stored | spooled | recovered | lost, number of cards)
+_FIELDS = tuple(IssuedCard.__dataclass_fields__)
+
+
+def encode(cards: Sequence[IssuedCard]) -> bytes:
+    """One JSON line per card, each ending in a newline."""
+    return b"".join(
+        orjson.dumps({name: getattr(card, name) for name in _FIELDS}) + b"\n" for card in cards
+    )
+
+
+def decode(data: bytes) -> list[IssuedCard]:
+    """The cards of every complete line in `data`. The last piece, without its newline, is a line
+    still being appended (another process's file) or cut short by a crash: its call was never
+    answered, or its records are counted lost."""
+    found = []
+    for line in data.split(b"\n")[:-1]:
+        try:
+            row = orjson.loads(line)
+            row["issued_at"] = datetime.fromisoformat(row["issued_at"])
+            found.append(IssuedCard(**row))
+        except (ValueError, TypeError, KeyError):
+            continue  # a piece of a line a failed write left, followed by a whole one
+    return found
 
 
 class _Spool:
-    """One open, locked spool file."""
+    """One open spool file, locked by this process."""
 
-    def __init__(self, path: Path, handle: Any) -> None:
+    def __init__(self, path: Path, descriptor: int, *, adopted: bool) -> None:
         self.path = path
-        self.handle = handle
+        self.descriptor = descriptor
+        self.adopted = adopted  # a dead process's file
+        self.refused = False  # the store refused its records at least once
 
     @classmethod
     def claim(cls, path: Path, *, create: bool) -> _Spool | None:
@@ -68,39 +104,20 @@ class _Spool:
         if not create and not path.exists():  # unlinked between open and lock
             os.close(descriptor)
             return None
-        return cls(path, os.fdopen(descriptor, "r+b", buffering=0))
+        return cls(path, descriptor, adopted=not create)
 
     def append(self, lines: bytes) -> None:
-        self.handle.write(lines)
-        os.fsync(self.handle.fileno())
+        view = memoryview(lines)
+        while view:  # a regular file takes it all at once but for a full disk, which raises
+            view = view[os.write(self.descriptor, view) :]
 
     def cards(self) -> list[IssuedCard]:
-        self.handle.seek(0)
-        found = []
-        for line in self.handle.read().splitlines():
-            try:
-                row = json.loads(line)
-                row["issued_at"] = datetime.fromisoformat(row["issued_at"])
-                found.append(IssuedCard(**row))
-            except (ValueError, TypeError, KeyError):
-                # Only a line cut short by a crash: its call's answer was never sent.
-                continue
-        return found
+        size = os.fstat(self.descriptor).st_size
+        return decode(os.pread(self.descriptor, size, 0))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-        self.handle.close()  # after the unlink: nobody can adopt it in between
-
-
-class _Call:
-    """One record() call's records, queued for the next batch."""
-
-    __slots__ = ("cards", "done", "error")
-
-    def __init__(self, cards: Sequence[IssuedCard]) -> None:
-        self.cards = cards
-        self.done = False
-        self.error: Exception | None = None
+        os.close(self.descriptor)  # after the unlink: nobody can adopt it in between
 
 
 class IssuedCardRecorder:
@@ -108,171 +125,149 @@ class IssuedCardRecorder:
         self._store = store
         self._directory = directory
         self._count = count
-        self._commit = threading.Condition(threading.Lock())  # guards _queue and _writing
-        self._queue: list[_Call] = []
-        self._writing = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _active, _draining, _thread, _pid
+        self._writing = threading.Lock()  # one drain at a time
         self._wake = threading.Event()
         self._active: _Spool | None = None
         self._draining: list[_Spool] = []
-        self._backlog = False
         self._thread: threading.Thread | None = None
         self._pid = 0
 
     def record(self, cards: Sequence[IssuedCard]) -> None:
-        """Durable when it returns (see the module's docstring); never raises."""
-        if not self._backlog:
-            error = self._write_in_batch(cards)
-            if error is None:
-                self._count("stored", len(cards))
-                return
-            log.warning(
-                "store did not take %d issued-card records (%s); spooled for retry",
-                len(cards),
-                type(error).__name__,
-            )
+        """On disk when it returns, in the store soon after (see the module's docstring); never
+        raises."""
         try:
-            self._append(cards)
+            lines = encode(cards)
+            with self._lock:
+                self._forget_parent()
+                if self._active is None:
+                    self._active = self._new_spool()
+                try:
+                    self._active.append(lines)
+                except BaseException:
+                    # Part of a line may be in the file: later records go to a new one, so no
+                    # line of theirs is ever joined to it.
+                    self._draining.append(self._active)
+                    self._active = None
+                    raise
         except Exception as exc:
             self._count("lost", len(cards))
             log.error("%d issued-card records lost: %s", len(cards), type(exc).__name__)
             return
-        self._count("spooled", len(cards))
         self._start()
         self._wake.set()
 
-    def waiting(self) -> int:
-        """Calls whose records are queued for a write not yet started."""
-        with self._commit:
-            return len(self._queue)
-
-    def _write_in_batch(self, cards: Sequence[IssuedCard]) -> Exception | None:
-        """Once this call's records are committed, None; else what the store raised."""
-        mine = _Call(cards)
-        with self._commit:
-            self._queue.append(mine)
-            while not mine.done:
-                if self._writing:
-                    self._commit.wait()
-                    continue
-                batch = self._take_batch()
-                self._writing = True
-                self._commit.release()  # others queue while the store writes
-                # Until the store returns, not written: a leader interrupted by a BaseException
-                # (a greenlet killed) must not let its followers believe theirs were committed.
-                error: Exception | None = InterruptedError("write interrupted")
-                try:
-                    self._store().record_issued([c for call in batch for c in call.cards])
-                    error = None
-                except Exception as exc:
-                    error = exc
-                finally:
-                    self._commit.acquire()
-                    self._writing = False
-                    for call in batch:
-                        call.done, call.error = True, error
-                    self._commit.notify_all()
-        return mine.error
-
-    def _take_batch(self) -> list[_Call]:
-        """The oldest queued calls, up to BATCH rows (always one call, whatever its size)."""
-        rows, taken = len(self._queue[0].cards), 1
-        while taken < len(self._queue) and rows + len(self._queue[taken].cards) <= BATCH:
-            rows += len(self._queue[taken].cards)
-            taken += 1
-        batch, self._queue[:taken] = self._queue[:taken], []
-        return batch
+    def pending(self) -> bool:
+        """Whether records of this process are not in the store yet."""
+        with self._lock:
+            return self._active is not None or bool(self._draining)
 
     def adopt_leftovers(self) -> None:
         """Start draining if dead processes left spool files (cheap when there are none)."""
-        if self._directory.is_dir() and any(self._directory.glob("issued-*.jsonl")):
+        if self._directory.is_dir() and any(self._directory.glob(SPOOL_GLOB)):
             self._start()
             self._wake.set()
 
+    def settle(self) -> None:
+        """Write every record spooled on this host so far to the store. Raises what the store
+        raised; the files stay for the writers."""
+        if not self._directory.is_dir():
+            return
+        self.drain()
+        # Files of live processes: read, never taken; their writers remove them as usual.
+        for path in sorted(self._directory.glob(SPOOL_GLOB)):
+            try:
+                cards = decode(path.read_bytes())
+            except FileNotFoundError:
+                continue  # drained and removed meanwhile
+            for start in range(0, len(cards), BATCH):
+                self._store().record_issued(cards[start : start + BATCH])
+
+    def drain(self) -> bool:
+        """Write every record this process spooled, and those of dead processes, to the store;
+        True when nothing is left. Raises what the store raised (the files stay for the next
+        attempt)."""
+        with self._writing:
+            with self._lock:
+                self._forget_parent()
+                if self._active is not None:  # new records go to a new file from now on
+                    self._draining.append(self._active)
+                    self._active = None
+                draining = self._draining + self._orphans()
+                self._draining = draining
+            for index, spool in enumerate(list(draining)):
+                try:
+                    self._write(spool)
+                except Exception:
+                    # Kept on disk until the store is back: counted once, now, for every file
+                    # this process wrote that the store has not taken, not only the first.
+                    for refused in draining[index:]:
+                        if not refused.refused and not refused.adopted:
+                            self._count("spooled", len(refused.cards()))
+                        refused.refused = True
+                    raise
+                with self._lock:
+                    self._draining.remove(spool)
+            return not self.pending()
+
+    def _write(self, spool: _Spool) -> None:
+        cards = spool.cards()
+        for start in range(0, len(cards), BATCH):
+            self._store().record_issued(cards[start : start + BATCH])
+        spool.remove()
+        if not cards:
+            return
+        if spool.refused or spool.adopted:
+            self._count("recovered", len(cards))
+            log.info("%d spooled issued-card records written to the store", len(cards))
+        else:
+            self._count("stored", len(cards))
+
+    def _new_spool(self) -> _Spool:
+        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self._directory / f"issued-{uuid.uuid4().hex}.jsonl"
+        spool = _Spool.claim(path, create=True)
+        if spool is None:  # a fresh uuid name cannot be locked by another
+            raise OSError("spool file could not be locked")
+        return spool
+
+    def _forget_parent(self) -> None:
+        """After a fork the parent's files are not this process's to write or remove."""
+        if self._pid not in (0, os.getpid()):
+            self._active, self._draining, self._thread = None, [], None
+        self._pid = os.getpid()
+
     def _start(self) -> None:
-        """The drainer thread of this process (after a fork, a new one)."""
+        """The writer thread of this process (after a fork, a new one)."""
         with self._lock:
-            if self._thread is not None and self._pid == os.getpid():
+            self._forget_parent()
+            if self._thread is not None:
                 return
-            if self._pid not in (0, os.getpid()):  # a fork: the parent's files are not ours
-                self._active, self._draining = None, []
-                self._backlog = False
-            self._pid = os.getpid()
             self._thread = threading.Thread(target=self._run, name="issued-spool", daemon=True)
             self._thread.start()
-
-    def pending(self) -> bool:
-        return self._backlog
-
-    def _append(self, cards: Sequence[IssuedCard]) -> None:
-        lines = b"".join(
-            json.dumps({**asdict(c), "issued_at": c.issued_at.isoformat()}).encode() + b"\n"
-            for c in cards
-        )
-        with self._lock:
-            self._backlog = True
-            if self._active is None:
-                self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                path = self._directory / f"issued-{uuid.uuid4().hex}.jsonl"
-                self._active = _Spool.claim(path, create=True)
-                if self._active is None:  # a fresh uuid name cannot be locked by another
-                    raise OSError("spool file could not be locked")
-                _sync_directory(self._directory)  # the new name itself must survive a crash
-            self._active.append(lines)
 
     def _run(self) -> None:
         delay: float | None = None  # idle: sleep until records are spooled
         while True:
             self._wake.wait(timeout=delay)
+            time.sleep(FLUSH_SECONDS)  # the calls that follow join this write
             self._wake.clear()
             try:
                 drained = self.drain()
             except Exception as exc:
-                log.warning("issued-card spool not drained yet (%s)", type(exc).__name__)
+                log.warning("issued-card spool not written yet (%s)", type(exc).__name__)
                 drained = False
             if drained:
                 delay = None
             else:
                 delay = min((delay or FIRST_RETRY_SECONDS / 2) * 2, MAX_RETRY_SECONDS)
 
-    def drain(self) -> bool:
-        """Write every spooled record to the store; True when nothing is left. Raises what the
-        store raised (the files stay for the next attempt)."""
-        with self._lock:
-            if self._active is not None:  # new records go to a new file from now on
-                self._draining.append(self._active)
-                self._active = None
-            self._draining += self._orphans()
-        for spool in list(self._draining):
-            cards = spool.cards()
-            for start in range(0, len(cards), BATCH):
-                self._store().record_issued(cards[start : start + BATCH])
-            spool.remove()
-            with self._lock:
-                self._draining.remove(spool)
-            if cards:
-                self._count("recovered", len(cards))
-                log.info("%d spooled issued-card records written to the store", len(cards))
-        with self._lock:
-            self._backlog = self._active is not None or bool(self._draining)
-            return not self._backlog
-
     def _orphans(self) -> list[_Spool]:
         if not self._directory.is_dir():
             return []
         held = {s.path for s in self._draining}
-        if self._active is not None:
-            held.add(self._active.path)
         found = []
-        for path in sorted(self._directory.glob("issued-*.jsonl")):
+        for path in sorted(self._directory.glob(SPOOL_GLOB)):
             if path not in held and (spool := _Spool.claim(path, create=False)) is not None:
                 found.append(spool)
         return found
-
-
-def _sync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

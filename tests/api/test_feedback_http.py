@@ -14,6 +14,7 @@ import re
 import signal
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -290,6 +291,16 @@ def test_acknowledged_feedback_survives_sigkill_and_the_server_comes_back(
 
 
 @pytest.mark.server
+def test_feedback_sent_the_moment_its_card_arrives_finds_the_card(server: ServeProcess) -> None:
+    """A card's record reaches the store a moment after the answer; feedback sent at once, to
+    whichever of the four workers, still finds it (the workers' spools are written first)."""
+    for _ in range(12):
+        card = issue_card(server, "order-sign/wm-igm-4500-rituximab")
+        assert send(server, overridden(card["uuid"])) == {"received": 1, "duplicates": 0}
+        [(outcome, _, unknown)] = feedback_rows(database_of(server), card["uuid"])
+        assert (outcome, unknown) == ("overridden", 0)
+
+
 def test_feedback_on_a_card_never_issued_is_stored_and_flagged(server: ServeProcess) -> None:
     known = issue_card(server, "order-sign/wm-no-igm")
     ghost = str(uuid.uuid4())
@@ -439,9 +450,15 @@ def test_issued_cards_are_recorded_with_a_keyed_hash_not_the_patient_id(
     [card] = response.json()["cards"]
 
     database = database_of(server)
-    with read_only(database) as connection:
-        connection.row_factory = sqlite3.Row
-        [row] = connection.execute("SELECT * FROM issued_cards").fetchall()
+    deadline = time.monotonic() + 10  # the record reaches the store a moment after the answer
+    while True:
+        with read_only(database) as connection:
+            connection.row_factory = sqlite3.Row
+            rows = connection.execute("SELECT * FROM issued_cards").fetchall()
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    [row] = rows
     finding = card["source"]["topic"]["code"]
     version = re.search(r"_Rule `([^`]+)` v([^_]+)\._", card["detail"])
     assert version is not None and version.group(1) == finding  # the card names its rule

@@ -3,6 +3,7 @@ service does when the store cannot be reached: refuse unverifiable tokens, never
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,8 +186,15 @@ def test_a_warning_is_sent_while_the_store_is_down_and_its_record_spooled(tmp_pa
     assert response.status_code == 200
     [card] = response.get_json()["cards"]
     assert card["indicator"] == "warning"
+    [spool] = (tmp_path / "spool").glob("issued-*.jsonl")  # on disk before the answer
+    assert card["uuid"] in spool.read_text()
+    # The writer tries a moment later; the store refuses, so the record stays on disk.
+    deadline = time.monotonic() + 10
+    while counter(client, "flare_cds_issued_card_records_total", result="spooled") == before:
+        assert time.monotonic() < deadline, "the writer never tried the store"
+        time.sleep(0.05)
     assert counter(client, "flare_cds_issued_card_records_total", result="spooled") == before + 1
-    [spool] = (tmp_path / "spool").glob("issued-*.jsonl")
+    assert spool.exists()
     text = spool.read_text()
     assert card["uuid"] in text
     assert load_fixture(SCENARIO)["context"]["patientId"] not in text  # only its keyed hash

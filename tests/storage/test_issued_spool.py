@@ -1,5 +1,6 @@
-"""Issued-card records while the store is down: on disk before the answer, written once it is back,
-and not lost when the process that spooled them is killed; calls that overlap share one write."""
+"""Issued-card records: on disk before the answer, in the store soon after, in shared writes; not
+lost when the process that spooled them is killed or while the store is down; and in the store
+before feedback that follows them is stored."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from service.storage import issued_spool
 from service.storage.feedback import IssuedCard, SqliteFeedbackStore
 from service.storage.issued_spool import IssuedCardRecorder
 from tests.storage.test_feedback import issued
@@ -25,22 +29,37 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class FlakyStore:
-    """A real SQLite store behind a switch that makes it fail as an unreachable server does."""
+    """A real SQLite store behind a switch that makes it fail as an unreachable server does; it
+    keeps the number of rows of every write it was asked for."""
 
     def __init__(self, path: Path) -> None:
         self.real = SqliteFeedbackStore(path)
         self.real.schema_version()  # created and migrated now, so it can be read at any time
         self.down = False
+        self.writes: list[int] = []
 
     def record_issued(self, cards: Sequence[IssuedCard]) -> None:
+        self.writes.append(len(cards))
         if self.down:
             raise ConnectionError("store down")
         self.real.record_issued(cards)
 
 
-def stored_uuids(path: Path) -> list[str]:
-    import sqlite3
+class HeldFirstWrite(FlakyStore):
+    """A FlakyStore whose first write waits for `release`, as behind a slow fsync."""
 
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def record_issued(self, cards: Sequence[IssuedCard]) -> None:
+        if not self.writes:
+            self.entered.set()
+            assert self.release.wait(timeout=30)
+        super().record_issued(cards)
+
+
+def stored_uuids(path: Path) -> list[str]:
     with closing(sqlite3.connect(path)) as connection:
         return [row[0] for row in connection.execute("SELECT uuid FROM issued_cards ORDER BY 1")]
 
@@ -60,55 +79,131 @@ def recorder(store: Any, spool: Path, counts: Counter[str]) -> IssuedCardRecorde
     return IssuedCardRecorder(lambda: store, spool, lambda result, n: counts.update({result: n}))
 
 
-def test_records_go_straight_to_a_store_that_answers(tmp_path: Path) -> None:
-    store, counts = FlakyStore(tmp_path / "db.sqlite3"), Counter[str]()
-    recorder(store, tmp_path / "spool", counts).record([issued("card-1")])
-    assert stored_uuids(tmp_path / "db.sqlite3") == ["card-1"] and counts == {"stored": 1}
-    assert not (tmp_path / "spool").exists()
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds  # only so that a broken writer fails, not hangs
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert condition()
 
 
-def test_while_the_store_is_down_records_are_spooled_then_written(tmp_path: Path) -> None:
+def test_a_record_is_on_disk_when_record_returns_and_in_the_store_soon_after(
+    tmp_path: Path,
+) -> None:
+    store, counts = HeldFirstWrite(tmp_path / "db.sqlite3"), Counter[str]()
+    spooler = recorder(store, tmp_path / "spool", counts)
+    spooler.record([issued("card-1"), issued("card-2")])  # the store is not written meanwhile
+    assert spooled_uuids(tmp_path / "spool") == {"card-1", "card-2"} and spooler.pending()
+    [spool] = (tmp_path / "spool").glob("issued-*.jsonl")
+    assert spool.stat().st_mode & 0o077 == 0  # holds patient hashes: private
+    assert store.entered.wait(timeout=10)  # the writer took the file
+    store.release.set()
+    wait_until(lambda: not spooler.pending())
+    assert stored_uuids(tmp_path / "db.sqlite3") == ["card-1", "card-2"]
+    assert store.writes == [2] and counts == {"stored": 2}
+    assert not list((tmp_path / "spool").iterdir())
+
+
+def test_calls_made_during_a_write_share_the_next_one(tmp_path: Path) -> None:
+    store, counts = HeldFirstWrite(tmp_path / "db.sqlite3"), Counter[str]()
+    spooler = recorder(store, tmp_path / "spool", counts)
+    spooler.record([issued("card-000")])
+    assert store.entered.wait(timeout=10)
+    names = [f"card-{i:03d}" for i in range(1, 40)]
+    threads = [threading.Thread(target=spooler.record, args=([issued(n)],)) for n in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)  # none waits for the held write
+        assert not thread.is_alive()
+    assert spooled_uuids(tmp_path / "spool") == {"card-000", *names}
+    store.release.set()
+    wait_until(lambda: not spooler.pending())
+    assert stored_uuids(tmp_path / "db.sqlite3") == ["card-000", *names]
+    assert store.writes == [1, 39] and counts == {"stored": 40}
+
+
+def test_a_write_holds_at_most_500_rows(tmp_path: Path) -> None:
+    store, counts = HeldFirstWrite(tmp_path / "db.sqlite3"), Counter[str]()
+    spooler = recorder(store, tmp_path / "spool", counts)
+    spooler.record([issued("card-first")])
+    assert store.entered.wait(timeout=10)
+    names = [f"card-{i:03d}-{j:03d}" for i in range(12) for j in range(100)]
+    for start in range(0, len(names), 100):
+        spooler.record([issued(n) for n in names[start : start + 100]])
+    store.release.set()
+    wait_until(lambda: not spooler.pending())
+    assert store.writes == [1, 500, 500, 200]
+    assert stored_uuids(tmp_path / "db.sqlite3") == sorted(["card-first", *names])
+    assert counts == {"stored": 1201}
+
+
+def test_while_the_store_is_down_records_stay_on_disk_then_are_written(tmp_path: Path) -> None:
     store, counts = FlakyStore(tmp_path / "db.sqlite3"), Counter[str]()
     store.down = True
     spooler = recorder(store, tmp_path / "spool", counts)
     spooler.record([issued("card-1"), issued("card-2")])
-    spooler.record([issued("card-3")])  # a backlog exists: straight to the spool
-    assert counts == {"spooled": 3} and spooler.pending()
-    [spool] = (tmp_path / "spool").glob("issued-*.jsonl")
-    assert spool.stat().st_mode & 0o077 == 0  # holds patient hashes: private
+    spooler.record([issued("card-3")])
+    wait_until(lambda: counts["spooled"] == 3)  # the writer tried, and the store refused
+    assert spooler.pending() and stored_uuids(tmp_path / "db.sqlite3") == []
+    assert spooled_uuids(tmp_path / "spool") == {"card-1", "card-2", "card-3"}
     store.down = False
-    deadline = time.monotonic() + 10
-    while spooler.pending() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not spooler.pending())
     assert stored_uuids(tmp_path / "db.sqlite3") == ["card-1", "card-2", "card-3"]
-    assert counts["recovered"] == 3 and not list((tmp_path / "spool").iterdir())
+    assert counts == {"spooled": 3, "recovered": 3}
+    assert not list((tmp_path / "spool").iterdir())
+    spooler.record([issued("card-after")])  # the store is back: stored as usual
+    wait_until(lambda: not spooler.pending())
+    assert counts["stored"] == 1 and "card-after" in stored_uuids(tmp_path / "db.sqlite3")
 
 
-def test_records_of_a_killed_process_are_written_by_the_next(tmp_path: Path) -> None:
-    """The answer went out (the child printed "answered"), then the process died by SIGKILL
-    with the store down: the spooled records reach the store from another process."""
+def _killed_child(tmp_path: Path, store_code: str, flush_seconds: float) -> subprocess.Popen[str]:
+    """A process that records two cards, prints "answered" (as its answer would go out), and
+    then waits to be killed."""
     child = textwrap.dedent(
         f"""
-        import os, signal, sys, time
+        import sys, time
         sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
-        from service.storage.issued_spool import IssuedCardRecorder
+        from service.storage import issued_spool
+        from service.storage.feedback import SqliteFeedbackStore
         from tests.storage.test_feedback import issued
 
-        class Down:
-            def record_issued(self, cards):
-                raise ConnectionError("store down")
-
-        spooler = IssuedCardRecorder(lambda: Down(), Path({str(tmp_path / "spool")!r}),
-                                     lambda result, n: None)
+        issued_spool.FLUSH_SECONDS = {flush_seconds!r}
+        STORE_CODE
+        spooler = issued_spool.IssuedCardRecorder(lambda: store, Path({str(tmp_path / "spool")!r}),
+                                                  lambda result, n: None)
         spooler.record([issued("card-a"), issued("card-b")])
         print("answered", flush=True)
-        time.sleep(60)
+        time.sleep(120)
         """
-    )
+    ).replace("STORE_CODE\n", store_code.strip() + "\n")
     process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "answered"
+    return process
+
+
+DOWN_STORE = """
+class Down:
+    def record_issued(self, cards):
+        raise ConnectionError("store down")
+store = Down()
+"""
+
+
+@pytest.mark.parametrize(
+    ("store_code", "flush_seconds"),
+    [
+        pytest.param(DOWN_STORE, 0.05, id="store down"),
+        # The store answers, but the process dies before its writer's turn: the records were
+        # only on disk.
+        pytest.param("store = None", 600.0, id="killed before its write"),
+    ],
+)
+def test_records_of_a_killed_process_are_written_by_the_next(
+    tmp_path: Path, store_code: str, flush_seconds: float
+) -> None:
+    process = _killed_child(tmp_path, store_code, flush_seconds)
     try:
-        assert process.stdout is not None and process.stdout.readline().strip() == "answered"
         store, counts = FlakyStore(tmp_path / "db.sqlite3"), Counter[str]()
         other = recorder(store, tmp_path / "spool", counts)
         # While the writer lives its file is locked: nobody else takes it.
@@ -124,124 +219,69 @@ def test_records_of_a_killed_process_are_written_by_the_next(tmp_path: Path) -> 
             process.wait()
 
 
-def test_a_record_that_neither_store_nor_disk_takes_is_counted_lost(tmp_path: Path) -> None:
+def test_settle_writes_what_live_processes_have_spooled(tmp_path: Path) -> None:
+    """Feedback may follow its card at once, from another worker: settle() puts the cards every
+    process on the host has spooled into the store, and leaves their files to them."""
+    process = _killed_child(tmp_path, "store = None", 600.0)
+    try:
+        store, counts = FlakyStore(tmp_path / "db.sqlite3"), Counter[str]()
+        here = recorder(store, tmp_path / "spool", counts)
+        here.record([issued("card-here")])
+        here.settle()
+        assert stored_uuids(tmp_path / "db.sqlite3") == ["card-a", "card-b", "card-here"]
+        assert not here.pending() and counts == {"stored": 1}
+        [theirs] = (tmp_path / "spool").glob("issued-*.jsonl")  # still the live process's
+        assert spooled_uuids(tmp_path / "spool") == {"card-a", "card-b"} and theirs.exists()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_settle_raises_what_the_store_raised(tmp_path: Path) -> None:
     store, counts = FlakyStore(tmp_path / "db.sqlite3"), Counter[str]()
     store.down = True
+    spooler = recorder(store, tmp_path / "spool", counts)
+    spooler.record([issued("card-1")])
+    with pytest.raises(ConnectionError):
+        spooler.settle()
+    assert spooled_uuids(tmp_path / "spool") == {"card-1"}  # kept for the writer
+    store.down = False
+    wait_until(lambda: not spooler.pending())  # the writer retries, and stops once it is in
+
+
+def test_a_record_the_disk_does_not_take_is_counted_lost(tmp_path: Path) -> None:
+    store, counts = FlakyStore(tmp_path / "db.sqlite3"), Counter[str]()
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the spool folder should be")
     recorder(store, blocked, counts).record([issued("card-1")])
     assert counts == {"lost": 1}
 
 
-class HeldFirstWrite:
-    """A real SQLite store whose first write waits for `release`, as behind a slow fsync, so the
-    calls made meanwhile queue up; it keeps the number of rows of every write record() asked
-    for (the spool's drainer thread aside), and fails each write as a read-only file does while
-    `down` is set."""
-
-    def __init__(self, path: Path) -> None:
-        self.real = SqliteFeedbackStore(path)
-        self.real.schema_version()
-        self.entered, self.release = threading.Event(), threading.Event()
-        self.writes: list[int] = []
-        self.down = False
-
-    def record_issued(self, cards: Sequence[IssuedCard]) -> None:
-        if threading.current_thread().name != "issued-spool":
-            self.writes.append(len(cards))
-        if len(self.writes) == 1:
-            self.entered.set()
-            self.release.wait()
-        if self.down:
-            raise sqlite3.OperationalError("attempt to write a readonly database")
-        self.real.record_issued(cards)
-
-
-def overlapping_calls(
-    store: HeldFirstWrite, spooler: IssuedCardRecorder, spool: Path, calls: int, per_call: int
-) -> list[str]:
-    """`calls` threads record at once: the first is held in its write until every other one has
-    queued behind it. Each checks that its records are durable (in the store, or else in the
-    spool) as soon as record() returns. Returns the uuids recorded, once every call has."""
-    names = [[f"card-{i:03d}-{j:03d}" for j in range(per_call)] for i in range(calls)]
-    not_durable: list[int] = []
-
-    def call(index: int) -> None:
-        spooler.record([issued(name) for name in names[index]])
-        try:
-            kept = set(stored_uuids(store.real.path)) | spooled_uuids(spool)
-        except Exception:  # a check that cannot be made must fail the test, not vanish
-            not_durable.append(index)
-            raise
-        if not kept.issuperset(names[index]):
-            not_durable.append(index)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(calls)]
-    threads[0].start()
-    assert store.entered.wait(timeout=30)
-    for thread in threads[1:]:
-        thread.start()
-    deadline = time.monotonic() + 30  # only so that a broken queue fails instead of hanging
-    while spooler.waiting() < calls - 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert spooler.waiting() == calls - 1
-    store.release.set()
-    for thread in threads:
-        thread.join()
-    assert not_durable == []
-    return sorted(name for group in names for name in group)
-
-
-def test_calls_that_overlap_a_write_are_committed_together_in_the_next(tmp_path: Path) -> None:
-    store, counts = HeldFirstWrite(tmp_path / "db.sqlite3"), Counter[str]()
-    spooler = recorder(store, tmp_path / "spool", counts)
-    expected = overlapping_calls(store, spooler, tmp_path / "spool", 40, 1)
-    assert stored_uuids(tmp_path / "db.sqlite3") == expected
-    # 40 calls, 2 writes: the held one, then the 39 that queued behind it.
-    assert store.writes == [1, 39]
-    assert counts == {"stored": 40} and not (tmp_path / "spool").exists()
-
-
-def test_a_batch_holds_at_most_500_rows_and_whole_calls(tmp_path: Path) -> None:
-    store, counts = HeldFirstWrite(tmp_path / "db.sqlite3"), Counter[str]()
-    spooler = recorder(store, tmp_path / "spool", counts)
-    expected = overlapping_calls(store, spooler, tmp_path / "spool", 12, 100)
-    assert stored_uuids(tmp_path / "db.sqlite3") == expected
-    assert store.writes == [100, 500, 500, 100]  # oldest first, no call split
-    assert counts == {"stored": 1200}
-
-
-def test_when_a_batch_fails_every_call_spools_its_own_then_they_are_written(
-    tmp_path: Path,
+def test_after_a_failed_append_later_records_go_to_a_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, counts = HeldFirstWrite(tmp_path / "db.sqlite3"), Counter[str]()
-    store.down = True
+    """A full disk can leave part of a line: no later line may be joined to it."""
+    store, counts = FlakyStore(tmp_path / "db.sqlite3"), Counter[str]()
     spooler = recorder(store, tmp_path / "spool", counts)
-    expected = overlapping_calls(store, spooler, tmp_path / "spool", 30, 2)
-    assert store.writes == [2, 58]  # the held write failed, then the batch of the others
-    assert stored_uuids(tmp_path / "db.sqlite3") == []
-    assert counts == {"spooled": 60} and spooler.pending()
-    # One file, or more if the drainer's first attempt came between two calls' appends.
-    spooled = [f.read_bytes().splitlines() for f in (tmp_path / "spool").glob("issued-*.jsonl")]
-    assert sum(map(len, spooled)) == 60
-    store.down = False
-    # The drainer has backed off after its failed attempts; a call spooled now wakes it.
-    spooler.record([issued("card-late")])
-    deadline = time.monotonic() + 10
-    while spooler.pending() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert stored_uuids(tmp_path / "db.sqlite3") == sorted([*expected, "card-late"])
-    assert counts == {"spooled": 61, "recovered": 61}
-    spooler.record([issued("card-after")])  # backlog gone: straight to the store again
-    assert counts["stored"] == 1 and "card-after" in stored_uuids(tmp_path / "db.sqlite3")
+    real_append = issued_spool._Spool.append
+
+    def half_then_full(self: Any, lines: bytes) -> None:
+        real_append(self, lines[: len(lines) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(issued_spool._Spool, "append", half_then_full)
+    spooler.record([issued("card-cut")])
+    monkeypatch.setattr(issued_spool._Spool, "append", real_append)
+    spooler.record([issued("card-next")])
+    wait_until(lambda: not spooler.pending())
+    assert stored_uuids(tmp_path / "db.sqlite3") == ["card-next"]
+    assert counts == {"lost": 1, "stored": 1}
 
 
-def test_under_gevent_greenlets_share_a_write_on_the_stores_native_thread(
-    tmp_path: Path,
-) -> None:
-    """As in a gevent worker: threading monkey-patched, the store behind off_loop. While one
-    greenlet's write holds the store's native thread, the others queue and wait cooperatively
-    (the loop keeps running them), then share the next write."""
+def test_under_gevent_no_call_waits_for_the_stores_native_thread(tmp_path: Path) -> None:
+    """As in a gevent worker: threading monkey-patched, the store behind off_loop. While the
+    writer's first write holds the store's native thread, calls still record and return at
+    once; then their records share the next write."""
     child = textwrap.dedent(
         f"""
         from gevent import monkey
@@ -272,11 +312,14 @@ def test_under_gevent_greenlets_share_a_write_on_the_stores_native_thread(
         assert type(store).__name__ == "_OnNativeThread"
         spooler = IssuedCardRecorder(lambda: store, Path({str(tmp_path / "spool")!r}),
                                      lambda result, n: None)
-        calls = [gevent.spawn(spooler.record, [issued(f"card-{{i:02d}}")]) for i in range(30)]
-        while spooler.waiting() < 29:
+        spooler.record([issued("card-00")])
+        while not writes:
             gevent.sleep(0.01)
+        calls = [gevent.spawn(spooler.record, [issued(f"card-{{i:02d}}")]) for i in range(1, 30)]
+        assert len(gevent.joinall(calls, timeout=10, raise_error=True)) == 29
         hold.release()
-        gevent.joinall(calls, raise_error=True)
+        while spooler.pending():
+            gevent.sleep(0.01)
         print(writes, flush=True)
         """
     )
