@@ -46,7 +46,7 @@ log = logging.getLogger("service.storage.issued")
 
 # How long the writer waits after the first record it has not written, so that the calls that
 # follow share its transaction; also what a power failure of the host can cost.
-FLUSH_SECONDS = 0.05
+FLUSH_SECONDS = 0.2
 # Between attempts to write the spool while the store is down: short first, then backing off.
 FIRST_RETRY_SECONDS = 0.5
 MAX_RETRY_SECONDS = 10.0
