@@ -67,7 +67,9 @@ def _bracket_shape(raw: bytes) -> bytes:
     # backslash escapes) and writing each escaped backslash or quote as one backslash takes out
     # every escaped quote and no other. Outside strings JSON has no backslash; where the text has
     # one, the pairing may have taken an opening quote there, but leaves a backslash to tell.
-    traced = _QUOTE_OR_BACKSLASH_ESCAPE.sub(b"\\\\", raw) if b"\\" in raw else raw
+    traced = (
+        _QUOTE_OR_BACKSLASH_ESCAPE.sub(b"\\\\", raw) if _escapes_quote_or_backslash(raw) else raw
+    )
     # Every quote left opens or closes a string, so the pieces between quotes alternate out/in.
     marks = traced.translate(_OBJECTS_AS_ARRAYS, _NOT_SHAPE)
     quotes = marks.count(b'"')
@@ -82,6 +84,26 @@ def _bracket_shape(raw: bytes) -> bytes:
     if b"\\" in outside:
         return _bracket_shape_scanned(raw)
     return outside + unclosed.replace(b"\\", b"")
+
+
+# Up to this many backslashes are looked at one by one; more go straight to the pattern.
+_FEW_BACKSLASHES = 32
+
+
+def _escapes_quote_or_backslash(raw: bytes) -> bool:
+    """Whether a backslash in `raw` comes before a quote or another backslash.
+
+    Real FHIR has few backslashes, mostly in \\uXXXX escapes; finding them is cheaper than
+    running the pattern over the whole body, which costs about 35 us per 125 kB.
+    """
+    at = raw.find(b"\\")
+    for _ in range(_FEW_BACKSLASHES):
+        if at < 0:
+            return False
+        if raw[at + 1 : at + 2] in (b'"', b"\\"):
+            return True
+        at = raw.find(b"\\", at + 2)  # the byte after it is escaped, whatever it is
+    return at >= 0  # more backslashes than that: the pattern decides
 
 
 def _outside_strings(marks: bytes) -> bytes:

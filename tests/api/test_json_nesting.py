@@ -260,3 +260,14 @@ def test_a_6000_result_chart_within_a_raised_limit_is_answered(tmp_path: Any) ->
     refused = app.test_client().post(workload.path, data=padded, content_type="application/json")
     assert refused.status_code == 413
     assert "at most 320000 are accepted" in refused.get_json()["message"]
+
+
+@FUZZ
+@given(raw=st.lists(st.sampled_from([b"\\", b'"', b"u", b"a", b"[", b"]"]), max_size=120))
+def test_the_escape_precheck_agrees_with_the_pattern(raw: list[bytes]) -> None:
+    # The pattern is skipped when no backslash escapes a quote or a backslash; past 32
+    # backslashes the pattern runs whatever they escape.
+    text = b"".join(raw)
+    found = middleware._QUOTE_OR_BACKSLASH_ESCAPE.search(text) is not None
+    precheck = middleware._escapes_quote_or_backslash(text)
+    assert precheck == found or (precheck and text.count(b"\\") > 32)
