@@ -85,17 +85,76 @@ def matching_conditions(
     since: datetime | None = None,
 ) -> tuple[ConditionFact, ...]:
     """Current Conditions in `wanted`; with `since`, only those with onset (or recorded) since."""
-    facts = []
-    for condition in conditions:
-        if not is_current(condition, now, in_remission):
-            continue
-        recorded = recorded_time(condition)
-        if since is not None and (recorded is None or recorded < since):
-            continue
-        fact = concept_fact(condition.get("code"), wanted, str(condition.get("id") or "(no id)"))
-        if fact is not None:
-            status = _status_code(condition.get("clinicalStatus"))
-            facts.append(
-                ConditionFact(fact.condition_id, fact.code, fact.display, status, recorded)
-            )
-    return tuple(facts)
+    return ConditionList(conditions).matching(wanted, now, in_remission=in_remission, since=since)
+
+
+class _ReadCondition:
+    """What the value set checks read from one Condition, read once."""
+
+    __slots__ = ("abated", "coded", "concept", "condition_id", "excluded", "recorded", "status")
+
+    def __init__(self, condition: Mapping[str, Any]) -> None:
+        self.excluded = _status_code(condition.get("verificationStatus")) in EXCLUDED_VERIFICATION
+        self.status = _status_code(condition.get("clinicalStatus"))
+        self.abated = parse_fhir_datetime(condition.get("abatementDateTime"))
+        self.recorded = recorded_time(condition)
+        self.condition_id = str(condition.get("id") or "(no id)")
+        self.concept = condition.get("code")
+        # (normalised pair, code, display) of each well-formed coding, as concept_fact reads them.
+        self.coded: list[tuple[tuple[str, str], str, str]] = []
+        if isinstance(self.concept, dict):
+            for coding in objects(self.concept.get("coding")):
+                system, code = coding.get("system"), coding.get("code")
+                if isinstance(system, str) and isinstance(code, str):
+                    display = coding.get("display") or self.concept.get("text") or code
+                    self.coded.append((normalise_code(system, code), code, display))
+
+    def current(self, now: datetime, in_remission: bool) -> bool:
+        """is_current, from what was read."""
+        if self.excluded:
+            return False
+        if in_remission and self.status == "remission":
+            return True
+        if self.status in INACTIVE_CLINICAL:
+            return False
+        return not (self.abated is not None and self.abated <= now)
+
+
+class ConditionList:
+    """A record's Conditions, each read once (statuses, dates, codes) for every value set a call
+    checks them against: the diagnosis, hyperviscosity and symptom sets each read the whole
+    problem list. matching() answers as matching_conditions does."""
+
+    def __init__(self, conditions: Iterable[Mapping[str, Any]]) -> None:
+        self._read = [_ReadCondition(condition) for condition in conditions]
+
+    def matching(
+        self,
+        wanted: ConditionSet,
+        now: datetime,
+        *,
+        in_remission: bool = False,
+        since: datetime | None = None,
+    ) -> tuple[ConditionFact, ...]:
+        facts = []
+        for read in self._read:
+            if not read.current(now, in_remission):
+                continue
+            recorded = read.recorded
+            if since is not None and (recorded is None or recorded < since):
+                continue
+            found = _coded_in(read, wanted)
+            if found is None and isinstance(read.concept, dict):
+                named = concept_named(read.concept, wanted.name_pattern)
+                found = None if named is None else ("by name", named)
+            if found is not None:
+                code, display = found
+                facts.append(ConditionFact(read.condition_id, code, display, read.status, recorded))
+        return tuple(facts)
+
+
+def _coded_in(read: _ReadCondition, wanted: ConditionSet) -> tuple[str, str] | None:
+    for pair, code, display in read.coded:
+        if pair in wanted.codes:
+            return code, display
+    return None

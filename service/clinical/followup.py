@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from service.clinical.conditions import ConditionFact, matching_conditions
+from service.clinical.conditions import ConditionFact, ConditionList
 from service.clinical.history import (
     BtkStop,
     Course,
@@ -96,18 +96,16 @@ def assess_followup(
     record: PatientRecord, terminology: Terminology, rules: RulesSettings, now: datetime
 ) -> list[FollowupFinding]:
     labs = read_labs(record, terminology, rules, now)
-    wm = matching_conditions(record.conditions, terminology.wm_conditions, now, in_remission=True)
+    conditions = ConditionList(record.conditions)  # read once for the value sets below
+    wm = conditions.matching(terminology.wm_conditions, now, in_remission=True)
     paraprotein = any(r.at_least(rules.igm_high_mg_dl) for r in labs.igm_series)
     if not wm and not paraprotein:
         return []  # decision 1: e.g. rituximab for rheumatoid arthritis or CLL is not in scope
     history = build_history(record, terminology, rules, now)
-    hyper_conditions = matching_conditions(
-        record.conditions, terminology.hyperviscosity_conditions, now
-    )
+    hyper_conditions = conditions.matching(terminology.hyperviscosity_conditions, now)
     symptoms: tuple[ConditionFact, ...] = ()
     if labs.igm_series and labs.igm_series[-1].at_least(rules.igm_high_mg_dl):
-        symptoms = matching_conditions(
-            record.conditions,
+        symptoms = conditions.matching(
             terminology.hyperviscosity_symptoms,
             now,
             since=now - timedelta(days=rules.viscosity_lookback_days),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from service.clinical.conditions import ConditionFact, matching_conditions
+from service.clinical.conditions import ConditionFact, ConditionList
 from service.clinical.history import Course, Dose, PlasmaExchange, build_history
 from service.clinical.observations import Reading, Unusable, classify
 from service.clinical.orders import DrugOrder
@@ -190,7 +190,8 @@ def assess_orders(
     giving = _giving(orders)
     if not giving:
         return None  # no order to give the antibody: nothing to warn about (decision 7)
-    wm = matching_conditions(record.conditions, terminology.wm_conditions, now, in_remission=True)
+    conditions = ConditionList(record.conditions)  # read once for the three value sets below
+    wm = conditions.matching(terminology.wm_conditions, now, in_remission=True)
     labs = read_labs(record, terminology, rules, now)
     scope = scope_reason(
         record, giving, wm, labs.igm_series, bool(labs.unusable_igm), terminology, rules, now
@@ -198,9 +199,7 @@ def assess_orders(
     if scope is None:
         return None  # e.g. rituximab for rheumatoid arthritis with a normal IgM
     history = build_history(record, terminology, rules, now)
-    hyperviscous = matching_conditions(
-        record.conditions, terminology.hyperviscosity_conditions, now
-    )
+    hyperviscous = conditions.matching(terminology.hyperviscosity_conditions, now)
     visc = labs.viscosity
     # An exchange after the high viscosity removed what it measured (decision 8).
     high_viscosity = labs.high_viscosity and not (visc and history.exchanges_after(visc.effective))
@@ -208,8 +207,7 @@ def assess_orders(
     last_igm, latest = labs.last_known_igm, labs.latest_igm
     symptoms = ()
     if last_igm is not None and last_igm.at_least(rules.igm_high_mg_dl):
-        symptoms = matching_conditions(
-            record.conditions,
+        symptoms = conditions.matching(
             terminology.hyperviscosity_symptoms,
             now,
             since=now - timedelta(days=rules.viscosity_lookback_days),

@@ -10,8 +10,17 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from service.clinical.conditions import (
+    ConditionFact,
+    ConditionList,
+    _status_code,
+    concept_fact,
+    is_current,
+    recorded_time,
+)
 from service.clinical.observations import Reading, _reading, parse_fhir_datetime
 from service.clinical.terminology import (
+    ConditionSet,
     _no_name_in,
     _plain_names,
     _screen,
@@ -93,3 +102,76 @@ def test_one_screen_of_joined_texts_never_rules_out_a_name(texts: list[str]) -> 
     for pattern in (*screens, _TERMINOLOGY.wm_conditions.name_pattern):
         if _no_name_in(pattern, texts):
             assert not any(search_names(pattern, text) for text in texts)
+
+
+def _matching_one_by_one(
+    conditions: list[Any], wanted: ConditionSet, now: datetime, in_remission: bool, since: Any
+) -> tuple[ConditionFact, ...]:
+    """matching_conditions as the composition of is_current, recorded_time and concept_fact."""
+    facts = []
+    for condition in conditions:
+        if not is_current(condition, now, in_remission):
+            continue
+        recorded = recorded_time(condition)
+        if since is not None and (recorded is None or recorded < since):
+            continue
+        fact = concept_fact(condition.get("code"), wanted, str(condition.get("id") or "(no id)"))
+        if fact is not None:
+            status = _status_code(condition.get("clinicalStatus"))
+            facts.append(
+                ConditionFact(fact.condition_id, fact.code, fact.display, status, recorded)
+            )
+    return tuple(facts)
+
+
+_STATUS = st.sampled_from(["active", "remission", "resolved", "refuted", "entered-in-error"])
+_STATUS_FIELD = st.one_of(
+    _STATUS,
+    st.none(),
+    st.integers(),
+    st.fixed_dictionaries({"coding": st.lists(st.fixed_dictionaries({"code": _STATUS}))}),
+)
+_DATE = st.sampled_from(["2026-11-19", "2026-12-01", "2020-01-01T00:00:00Z", "not a date"])
+_CODING = st.fixed_dictionaries(
+    {},
+    optional={
+        "system": st.sampled_from(["http://hl7.org/fhir/sid/icd-10-cm", " urn:x"]) | st.none(),
+        "code": st.sampled_from(["C88.0", "c880", "D47.2", "E11.9"]) | st.integers(),
+        "display": st.sampled_from(["Waldenstr\u00f6m macroglobulinemia", "x", ""]) | st.none(),
+    },
+)
+_CONDITION = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.sampled_from(["a", ""]) | st.none(),
+        "clinicalStatus": _STATUS_FIELD,
+        "verificationStatus": _STATUS_FIELD,
+        "abatementDateTime": _DATE,
+        "onsetDateTime": _DATE,
+        "recordedDate": _DATE,
+        "code": st.fixed_dictionaries(
+            {},
+            optional={
+                "coding": st.lists(_CODING | st.integers(), max_size=2) | st.integers(),
+                "text": st.sampled_from(["hyperviscosity syndrome", "lymphoplasmacytic lymphoma"])
+                | st.none(),
+            },
+        )
+        | st.integers(),
+    },
+)
+
+
+@given(
+    st.lists(_CONDITION, max_size=4),
+    st.booleans(),
+    st.sampled_from([None, datetime(2026, 11, 1, tzinfo=UTC)]),
+)
+def test_conditions_read_once_match_as_read_one_by_one(
+    conditions: list[dict[str, Any]], in_remission: bool, since: datetime | None
+) -> None:
+    now = datetime(2026, 11, 20, tzinfo=UTC)
+    read = ConditionList(conditions)
+    for wanted in (_TERMINOLOGY.wm_conditions, _TERMINOLOGY.hyperviscosity_conditions):
+        expected = _matching_one_by_one(conditions, wanted, now, in_remission, since)
+        assert read.matching(wanted, now, in_remission=in_remission, since=since) == expected
