@@ -6,11 +6,9 @@ each, and building full models for every Observation would dominate the cost of 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from service.clinical.fhir_values import objects
 
 Resource = Mapping[str, Any]
 
@@ -39,10 +37,17 @@ RECORD_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
-def bundle_resources(bundle: Resource) -> Iterable[Resource]:
-    for entry in objects(bundle.get("entry")):
-        if isinstance(entry.get("resource"), dict):
-            yield entry["resource"]
+def bundle_resources(bundle: Resource) -> list[Resource]:
+    """The resources of a Bundle's entries (entries that are not objects, or hold none, skipped)."""
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return []
+    resources = []
+    for entry in entries:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict):
+            resources.append(resource)
+    return resources
 
 
 def references_patient(resource: Resource, patient_id: str) -> bool:
@@ -71,10 +76,11 @@ def build_record(patient_id: str, searches: Mapping[str, Resource | None]) -> Pa
         if key not in RECORD_KEYS or bundle is None:
             continue
         name, resource_type = RECORD_KEYS[key]
+        part = parts[name]
         for resource in bundle_resources(bundle):
             kind = resource.get("resourceType")
             if kind == resource_type:
-                parts[name].append(resource)
+                part.append(resource)
             elif kind == "Medication" and resource.get("id"):
                 medications[f"Medication/{resource['id']}"] = resource
     return PatientRecord(

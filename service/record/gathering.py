@@ -17,7 +17,6 @@ from service.clinical.record import (
     RECORD_KEYS,
     PatientRecord,
     build_record,
-    bundle_resources,
     references_patient,
 )
 from service.record.definitions import ServiceDefinition, fill_template
@@ -67,6 +66,7 @@ def _check_value(key: str, value: Mapping[str, Any], patient_id: str, where: str
         raise InvalidPrefetch(where, f"expected a FHIR Bundle, got {value.get('resourceType')!r}")
     # Checked here because the readers skip what they cannot iterate: an `entry` object would
     # otherwise read as "no results", i.e. a confident "no IgM on record".
+    resources = []  # what bundle_resources reads from the entries, once they are checked
     for field in ("entry", "link"):
         items = value.get(field)
         if items is None:
@@ -77,10 +77,22 @@ def _check_value(key: str, value: Mapping[str, Any], patient_id: str, where: str
             if not isinstance(item, dict):
                 raise InvalidPrefetch(f"{where}.{field}[{index}]", "must be an object")
             if field == "entry" and "resource" in item:
-                _check_entry_resource(item["resource"], f"{where}.entry[{index}].resource")
+                resource = item["resource"]
+                kind = resource.get("resourceType") if isinstance(resource, dict) else None
+                if not (isinstance(kind, str) and kind):  # the location is made only to refuse
+                    _check_entry_resource(resource, f"{where}.entry[{index}].resource")
+                resources.append(resource)
     expected = RECORD_KEYS[key][1]
-    for resource in bundle_resources(value):
-        if resource.get("resourceType") != expected or references_patient(resource, patient_id):
+    # A subject of exactly "Patient/<id>" is this patient's, as references_patient reads it
+    # (an id with no "/"): the common case, told without taking the reference apart.
+    own = f"Patient/{patient_id}" if patient_id and "/" not in patient_id else None
+    for resource in resources:
+        if resource.get("resourceType") != expected:
+            continue
+        subject = resource.get("subject")
+        if own is not None and isinstance(subject, dict) and subject.get("reference") == own:
+            continue
+        if references_patient(resource, patient_id):
             continue
         raise InvalidPrefetch(
             where,

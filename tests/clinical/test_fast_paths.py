@@ -19,6 +19,7 @@ from service.clinical.conditions import (
     recorded_time,
 )
 from service.clinical.observations import Reading, _reading, parse_fhir_datetime
+from service.clinical.record import references_patient
 from service.clinical.terminology import (
     ConditionSet,
     _no_name_in,
@@ -27,6 +28,7 @@ from service.clinical.terminology import (
     build_terminology,
     search_names,
 )
+from service.record.gathering import InvalidPrefetch, _check_value
 from service.settings import TerminologySettings
 
 # The FHIR date grammar as one pattern, read as parse_fhir_datetime read it before it was split.
@@ -175,3 +177,36 @@ def test_conditions_read_once_match_as_read_one_by_one(
     for wanted in (_TERMINOLOGY.wm_conditions, _TERMINOLOGY.hyperviscosity_conditions):
         expected = _matching_one_by_one(conditions, wanted, now, in_remission, since)
         assert read.matching(wanted, now, in_remission=in_remission, since=since) == expected
+
+
+_REFERENCE = st.sampled_from(
+    [
+        *("Patient/p1", "Patient/p2", "Patient/", "Patient/p1/", "Patient/p/1", "p1"),
+        *("urn:uuid:1", "Group/p1", "https://ehr.example/fhir/Patient/p1/_history/2"),
+    ]
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {"resourceType": st.sampled_from(["Observation", "Condition"])},
+        optional={
+            "subject": st.fixed_dictionaries({"reference": _REFERENCE | st.integers()}),
+            "patient": st.fixed_dictionaries({"reference": _REFERENCE}),
+        },
+    ),
+    st.sampled_from(["p1", "p2", "", "p/1"]),
+)
+def test_a_bundle_is_refused_exactly_when_a_result_is_about_another_patient(
+    resource: dict[str, Any], patient_id: str
+) -> None:
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": resource}]}
+    about_another = resource["resourceType"] == "Observation" and not references_patient(
+        resource, patient_id
+    )
+    try:
+        _check_value("igm", bundle, patient_id, "prefetch.igm")
+    except InvalidPrefetch as refused:
+        assert about_another and "is about another patient" in refused.problem
+    else:
+        assert not about_another
