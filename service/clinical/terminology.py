@@ -143,7 +143,11 @@ def search_names(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
 def _no_name_in(pattern: re.Pattern[str], texts: list[str]) -> bool:
     """True when search_names(pattern, text) is None for every one of `texts`, told by a single
     screen of them joined (a name in one of them is in the joined text); False when unsure."""
-    names = _plain_names(pattern)
+    return _none_named(_plain_names(pattern), texts)
+
+
+def _none_named(names: tuple[str, ...] | None, texts: list[str]) -> bool:
+    """_no_name_in, given the pattern's plain names (None: not known)."""
     if names is None or not texts:
         return names is not None
     joined = "\n".join(texts)
@@ -162,7 +166,7 @@ def match_drug(
     """
     if not isinstance(concept, dict):
         return None
-    any_code, any_name = _screen(groups)
+    any_code, any_name, any_plain = _screen(groups)
     # One pass over the codings (as codings_of and objects() would read them): their pairs for
     # the codes, their displays for the names.
     pairs: list[tuple[str, str]] = []
@@ -185,7 +189,7 @@ def match_drug(
                 how += " (code not verified)"
             return group, how
     strings = [text for text in texts if isinstance(text, str)]
-    if _no_name_in(any_name, strings):
+    if _none_named(any_plain, strings):
         return None  # most orders on a chart: no name of any group in any of their texts
     for text in strings:
         if not search_names(any_name, text):
@@ -196,13 +200,15 @@ def match_drug(
     return None
 
 
-# Per tuple of groups: every code of any group, and one pattern for every name of any group.
-# Most medications on a chart are none of these drugs; one set lookup and one regex search tell
-# so, instead of one of each per group. Keyed by id(), the tuple kept to make the key safe.
-_SCREENS: dict[int, tuple[tuple[DrugGroup, ...], frozenset[tuple[str, str]], re.Pattern[str]]] = {}
+# Per tuple of groups: every code of any group, and one pattern for every name of any group
+# (with its plain names, see search_names). Most medications on a chart are none of these
+# drugs; one set lookup and one name screen tell so, instead of one of each per group. Keyed by
+# id(), the tuple kept to make the key safe.
+_Screen = tuple[frozenset[tuple[str, str]], re.Pattern[str], tuple[str, ...] | None]
+_SCREENS: dict[int, tuple[tuple[DrugGroup, ...], _Screen]] = {}
 
 
-def _screen(groups: tuple[DrugGroup, ...]) -> tuple[frozenset[tuple[str, str]], re.Pattern[str]]:
+def _screen(groups: tuple[DrugGroup, ...]) -> _Screen:
     cached = _SCREENS.get(id(groups))
     if cached is None or cached[0] is not groups:
         codes = frozenset().union(*(group.codes for group in groups))
@@ -211,8 +217,8 @@ def _screen(groups: tuple[DrugGroup, ...]) -> tuple[frozenset[tuple[str, str]], 
         plain = [_plain_names(g.name_pattern) for g in groups]
         if names is not _NEVER and None not in plain:
             _remember_plain(names, (n for group_names in plain for n in group_names or ()))
-        cached = _SCREENS[id(groups)] = (groups, codes, names)
-    return cached[1], cached[2]
+        cached = _SCREENS[id(groups)] = (groups, (codes, names, _plain_names(names)))
+    return cached[1]
 
 
 def _system_label(system: str) -> str:
