@@ -28,17 +28,22 @@ _AUTOLINK = re.compile(r"(?<=[A-Za-z0-9])(:)(?=//)|(?<=www)(\.)|(@)", re.IGNOREC
 # ("-5" or "4.2" start no list: a marker must be followed by a space).
 _LINE_START = re.compile(r"^([-+=])(?=\s|$|[-+=])|^(\d{1,9})([.)])(?=\s|$)")
 # Text none of the three can change: letters, digits, spaces and harmless punctuation, not opening
-# with a list marker or a number and a dot or parenthesis, and with no "www." in it. Most cells
-# (dates, values, units, names) are such text, and telling so costs a fifth of the three. The
-# characters are one class and "_" (a word character) and "www." plain tests: a class
-# alternation and a look-ahead over the whole text cost three times as much.
-_UNCHANGED = re.compile(r"(?![-+=]|\d{1,9}[.)])[\w ,;/()%'\"\-+=.]*")
+# as _LINE_START would escape, with no "www." and no "://" in it. Most cells (dates, values such
+# as "+10%" or "2.9", units, names, "Dose 1: ...") are such text, and telling so costs a fifth of
+# the three. The characters are one class, with "_" (a word character) and the two strings as
+# plain tests: a class alternation and a look-ahead over the whole text cost three times as much.
+_UNCHANGED = re.compile(r"(?![-+=](?:\s|$|[-+=])|\d{1,9}[.)](?:\s|$))[\w ,;:/()%'\"\-+=.]*")
 
 
 def inline(value: object) -> str:
     """Untrusted text, on one line, that renders in running Markdown as exactly that text."""
     text = " ".join(str(value).split())
-    if "_" not in text and "www." not in text.lower() and _UNCHANGED.fullmatch(text):
+    if (
+        "_" not in text
+        and "://" not in text
+        and "www." not in text.lower()
+        and _UNCHANGED.fullmatch(text)
+    ):
         return text
     return _escaped(text)
 
