@@ -212,14 +212,9 @@ def install(app: Flask) -> None:
 
     @app.after_request
     def _finish(response: Response) -> Response:
-        _cors(response, origins)
-        headers = response.headers
-        headers["X-Request-Id"] = g.get("request_id", "")
-        headers.setdefault("X-Content-Type-Options", "nosniff")
-        headers.setdefault("Cache-Control", "no-store")
-        headers.setdefault("Referrer-Policy", "no-referrer")
-        headers.setdefault("X-Frame-Options", "DENY")
-        headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+        _add_headers(
+            response, [*_cors(response, origins), ("X-Request-Id", g.get("request_id", ""))]
+        )
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
         elapsed_ms = elapsed * 1000
         _count_call(app, response, elapsed)
@@ -262,22 +257,50 @@ def _count_call(app: Flask, response: Response, elapsed: float) -> None:
         metrics.ERRORS.labels(route, service, status, metrics.reason_label(error)).inc()
 
 
-def _cors(response: Response, origins: tuple[str, ...]) -> None:
-    origin = request.headers.get("Origin")
+# Every answer carries these unless its route set its own (the timeline's pages do).
+_DEFAULT_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+)
+_CORS_HEADERS = (
+    ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
+    ("Access-Control-Allow-Methods", CORS_ALLOW_METHODS),
+    ("Access-Control-Expose-Headers", "X-Request-Id, WWW-Authenticate"),
+    ("Access-Control-Max-Age", "600"),
+)
+
+
+def _add_headers(response: Response, replacing: list[tuple[str, str]]) -> None:
+    """Set `replacing` (over any value the route gave) and the default headers the route did not
+    give, looking at the headers once: Werkzeug's set() and setdefault() each scan them all."""
+    headers = response.headers
+    present = {name.lower() for name in headers.keys()}
+    added = []
+    for name, value in replacing:
+        if name.lower() in present:
+            headers[name] = value
+        else:
+            added.append((name, value))
+    added += [(n, v) for n, v in _DEFAULT_HEADERS if n.lower() not in present]
+    headers.extend(added)
+
+
+def _cors(response: Response, origins: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The CORS headers of this answer."""
     if "*" in origins:
         allowed = "*"
     else:
         # The answer depends on Origin even when it is refused: a shared cache must not hand a
         # response without CORS headers to an allowed origin, nor one origin's to another.
         response.vary.add("Origin")
+        origin = request.headers.get("Origin")
         if not origin or origin not in origins:
-            return
+            return []
         allowed = origin
-    response.headers["Access-Control-Allow-Origin"] = allowed
-    response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
-    response.headers["Access-Control-Allow-Methods"] = CORS_ALLOW_METHODS
-    response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, WWW-Authenticate"
-    response.headers["Access-Control-Max-Age"] = "600"
+    return [("Access-Control-Allow-Origin", allowed), *_CORS_HEADERS]
 
 
 def _check_json_body(max_containers: int) -> None:
