@@ -54,6 +54,30 @@ def parse_fhir_datetime(value: Any) -> datetime | None:
 
     A dateTime without a zone is read as UTC; None for anything that is not a FHIR date.
     """
+    # Most dates on a chart are "2023-10-11T09:10:00Z" or "2025-05-15". For those two shapes
+    # (ASCII, separators in place) fromisoformat, whose digits are ASCII 0-9 only, does the
+    # patterns' check itself and gives the same datetime, "Z" read as the UTC singleton; at
+    # about a third of the cost. Anything else is read by the patterns below.
+    if isinstance(value, str) and value.isascii():
+        if len(value) == 20 and value[19] == "Z" and value[10] == "T":
+            if value[4] == value[7] == "-" and value[13] == value[16] == ":":
+                try:
+                    return _from_iso(value)
+                except ValueError:
+                    return None
+        elif len(value) == 10 and value[4] == value[7] == "-":
+            try:
+                return _from_iso(value + "T00:00:00Z")
+            except ValueError:
+                return None
+    return _parse_any_form(value)
+
+
+_from_iso = datetime.fromisoformat
+
+
+def _parse_any_form(value: Any) -> datetime | None:
+    """parse_fhir_datetime for every form, by the patterns."""
     if not isinstance(value, str):
         return None
     text = value.strip()

@@ -18,7 +18,12 @@ from service.clinical.conditions import (
     is_current,
     recorded_time,
 )
-from service.clinical.observations import Reading, _reading, parse_fhir_datetime
+from service.clinical.observations import (
+    Reading,
+    _parse_any_form,
+    _reading,
+    parse_fhir_datetime,
+)
 from service.clinical.record import references_patient
 from service.clinical.terminology import (
     ConditionSet,
@@ -77,6 +82,44 @@ _DATE_TIMES = st.builds(
 def test_dates_read_as_with_one_pattern(text: str) -> None:
     for candidate in (text, text[:4], text[:7], text[:10], f" {text}\n"):
         assert parse_fhir_datetime(candidate) == _one_pattern_reading(candidate)
+
+
+def _same_reading(text: str) -> bool:
+    quick, plain = parse_fhir_datetime(text), _parse_any_form(text)
+    return quick == plain and (quick is None or quick.tzinfo is plain.tzinfo)
+
+
+# The two shapes parse_fhir_datetime reads without its patterns.
+_SHAPES = ("2023-10-11T09:10:00Z", "1999-12-31T23:59:59Z", "2025-05-15", "2024-02-29")
+
+
+def test_the_common_shapes_read_as_every_form_is_read_for_any_one_character() -> None:
+    characters = [chr(c) for c in range(0x800)] + ["\u0662", "\uff11", "\u3000", "\U0001d7d8"]
+    for shape in _SHAPES:
+        for at in range(len(shape)):
+            for character in characters:
+                assert _same_reading(shape[:at] + character + shape[at + 1 :])
+
+
+@given(
+    st.sampled_from(_SHAPES),
+    st.lists(
+        st.tuples(st.integers(0, 19), st.sampled_from([*"0159 +-:.TZ_\n", "\u0662"])),
+        max_size=4,
+    ),
+)
+def test_the_common_shapes_read_as_every_form_is_read_when_altered(
+    shape: str, changes: list[tuple[int, str]]
+) -> None:
+    text = list(shape)
+    for at, character in changes:
+        text[at % len(text)] = character
+    assert _same_reading("".join(text))
+
+
+@given(st.one_of(_DATE_PIECES, _DATE_TIMES, st.text(max_size=24)))
+def test_any_text_reads_as_every_form_is_read(text: str) -> None:
+    assert _same_reading(text)
 
 
 def test_a_reading_made_quickly_is_the_reading() -> None:
