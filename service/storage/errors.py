@@ -8,6 +8,10 @@ class FeedbackStoreError(RuntimeError):
     """The store cannot be used as asked (closed, read-only, schema newer than this code)."""
 
 
+class StoreClosed(FeedbackStoreError):
+    """The store was closed on purpose (the process is shutting down): nothing to retry."""
+
+
 class InvalidFeedback(ValueError):
     """A feedback item lacks the CDS Hooks 2.0 shape; nothing from its request was stored.
 

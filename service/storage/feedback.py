@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from service.settings import StorageSettings
-from service.storage.errors import FeedbackStoreError, InvalidFeedback
+from service.storage.errors import FeedbackStoreError, InvalidFeedback, StoreClosed
 from service.storage.location import POSTGRESQL, storage_location
 from service.storage.patient_hash import (
     HASH_PATTERN,
@@ -332,7 +332,7 @@ class SqliteFeedbackStore(FeedbackStore):
 
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
-            raise FeedbackStoreError("the feedback store is closed")
+            raise StoreClosed("the feedback store is closed")
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
             with self._lock:

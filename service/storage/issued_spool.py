@@ -40,6 +40,7 @@ from typing import Any
 
 import orjson
 
+from service.storage.errors import StoreClosed
 from service.storage.feedback import IssuedCard
 
 log = logging.getLogger("service.storage.issued")
@@ -254,6 +255,11 @@ class IssuedCardRecorder:
             self._wake.clear()
             try:
                 drained = self.drain()
+            except StoreClosed:
+                # Shutting down: what is left stays on disk for the next process on the host.
+                with self._lock:
+                    self._thread = None
+                return
             except Exception as exc:
                 log.warning("issued-card spool not written yet (%s)", type(exc).__name__)
                 drained = False

@@ -25,7 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
 from service.storage import postgres_schema
-from service.storage.errors import FeedbackStoreError
+from service.storage.errors import FeedbackStoreError, StoreClosed
 from service.storage.feedback import (
     _INSERT_ISSUED,
     FeedbackResult,
@@ -100,7 +100,7 @@ class PostgresStore:
     def _pool_here(self) -> ConnectionPool[Any]:
         with self._lock:
             if self._closed:
-                raise FeedbackStoreError("the store is closed")
+                raise StoreClosed("the store is closed")
             if self._pool is None or self._pool_pid != os.getpid():
                 # A pool inherited through fork() is not used: its threads stayed in the parent.
                 self._pool = ConnectionPool(

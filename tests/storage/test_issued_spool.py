@@ -329,3 +329,20 @@ def test_under_gevent_no_call_waits_for_the_stores_native_thread(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[1, 29]"
     assert stored_uuids(tmp_path / "db.sqlite3") == [f"card-{i:02d}" for i in range(30)]
+
+
+def test_a_closed_store_ends_the_writer_and_leaves_the_records_on_disk(tmp_path: Path) -> None:
+    """Closed on purpose (the process is shutting down): no retries, nothing lost."""
+    from service.storage.errors import StoreClosed
+
+    class Closed:
+        def record_issued(self, cards: Sequence[IssuedCard]) -> None:
+            raise StoreClosed("the store is closed")
+
+    spooler = recorder(Closed(), tmp_path / "spool", Counter[str]())
+    before = set(threading.enumerate())
+    spooler.record([issued("card-1")])
+    [writer] = set(threading.enumerate()) - before
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+    assert spooled_uuids(tmp_path / "spool") == {"card-1"}
