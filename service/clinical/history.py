@@ -267,6 +267,9 @@ def build_history(
     # Each order's medication concepts, read once for both the anti-CD20 and the BTK check.
     meds = record.medications
     requests = [(r, medication_concepts(r, meds)) for r in record.medication_requests]
+    # Most orders on a chart name neither class: one screen for both tells so, where the
+    # course and BTK checks would each screen them (an order that names neither counts in none).
+    requests = [(r, c) for r, c in requests if _drug_named(c, terminology.drug_groups) is not None]
     return TreatmentHistory(
         doses=tuple(doses),
         courses=tuple(_courses(doses, accounted, requests, terminology, gap, now)),

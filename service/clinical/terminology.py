@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -70,6 +71,12 @@ class Terminology:
     mgus_conditions: ConditionSet
     hyperviscosity_symptoms: ConditionSet
     plasma_exchange: frozenset[tuple[str, str]]
+    # Both drug classes in one tuple, made once: a record's orders are screened once for either
+    # class (match_drug finds no group of it only when it finds none of either class alone).
+    drug_groups: tuple[DrugGroup, ...] = dataclass_field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "drug_groups", self.anti_cd20 + self.btk_inhibitors)
 
     def igm_search_codes(self) -> str:
         """The `code=` parameter for a FHIR search that finds every code counted as serum IgM."""

@@ -31,6 +31,7 @@ from service.clinical.terminology import (
     _plain_names,
     _screen,
     build_terminology,
+    match_drug,
     search_names,
 )
 from service.record.gathering import InvalidPrefetch, _check_value
@@ -147,6 +148,43 @@ def test_one_screen_of_joined_texts_never_rules_out_a_name(texts: list[str]) -> 
     for pattern in (*screens, _TERMINOLOGY.wm_conditions.name_pattern):
         if _no_name_in(pattern, texts):
             assert not any(search_names(pattern, text) for text in texts)
+
+
+# Site-configured names and codes too, one not ASCII (no plain screen for its class).
+_SITE_TERMINOLOGY = build_terminology(
+    TerminologySettings(
+        anti_cd20_names=("Foo drug",),
+        btk_inhibitor_names=("Br\u00fcckenmab",),
+        btk_inhibitor_codes=("urn:site|B1",),
+    )
+)
+_DRUG_CODING = st.fixed_dictionaries(
+    {},
+    optional={
+        "system": st.sampled_from(["http://www.nlm.nih.gov/research/umls/rxnorm", "urn:site"]),
+        "code": st.sampled_from(["121191", "1442981", "1364430", "B1"]) | st.integers(),
+        "display": st.lists(_WORDS | st.just("Br\u00fcckenmab"), max_size=3).map(" ".join),
+    },
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "coding": st.lists(_DRUG_CODING | st.integers(), max_size=2),
+            "text": st.lists(_WORDS | st.just("BR\u00dcCKENMAB"), max_size=3).map(" ".join),
+        },
+    )
+)
+def test_a_drug_of_either_class_is_found_by_the_screen_for_both(concept: dict[str, Any]) -> None:
+    for terminology in (_TERMINOLOGY, _SITE_TERMINOLOGY):
+        either = match_drug(concept, terminology.drug_groups) is not None
+        by_class = [
+            match_drug(concept, terminology.anti_cd20),
+            match_drug(concept, terminology.btk_inhibitors),
+        ]
+        assert either == any(found is not None for found in by_class)
 
 
 def _matching_one_by_one(
