@@ -59,6 +59,10 @@ class CardBuilder:
         self.cards = cards
         self.rules = rules
         self.new_uuid = new_uuid
+        # The rules do not change while the app runs: the values every card is filled with are
+        # made, and escaped for detail, once rather than on every card.
+        self._common = self.common_values()
+        self._common_markdown = as_markdown(self._common)
 
     def common_values(self) -> dict[str, str]:
         rules = self.rules
@@ -89,14 +93,14 @@ class CardBuilder:
         indicator: str | None = None,
     ) -> RenderedCard:
         template = self.catalog[finding]
-        filled = {**self.common_values(), **values}
-        if isinstance(filled.get("drug"), str) and filled["drug"]:
+        own = dict(values)
+        if isinstance(own.get("drug"), str) and own["drug"]:
             # For sentences that begin with the drug's name.
-            filled["Drug"] = filled["drug"][0].upper() + filled["drug"][1:]
+            own["Drug"] = own["drug"][0].upper() + own["drug"][1:]
+        filled = {**self._common, **own}
         # Summary and labels are plain text; detail is Markdown, so plain values are escaped there.
-        detail = (
-            template.fill(template.detail, as_markdown(filled)) + "\n\n" + self._footer(template)
-        )
+        escaped = {**self._common_markdown, **as_markdown(own)}
+        detail = template.fill(template.detail, escaped) + "\n\n" + self._footer(template)
         card: dict[str, Any] = {
             "uuid": self.new_uuid(),
             "summary": shorten(template.fill(template.summary, filled)),
