@@ -3,6 +3,7 @@ entered in error; recognised by code, or by name in text when no coding matches.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,7 +11,13 @@ from typing import Any
 
 from service.clinical.fhir_values import objects
 from service.clinical.observations import parse_fhir_datetime
-from service.clinical.terminology import ConditionSet, concept_named, normalise_code
+from service.clinical.terminology import (
+    ConditionSet,
+    concept_named,
+    folded_for_screen,
+    no_name_in_folded,
+    normalise_code,
+)
 
 INACTIVE_CLINICAL = frozenset({"inactive", "remission", "resolved"})
 EXCLUDED_VERIFICATION = frozenset({"entered-in-error", "refuted"})
@@ -91,7 +98,17 @@ def matching_conditions(
 class _ReadCondition:
     """What the value set checks read from one Condition, read once."""
 
-    __slots__ = ("abated", "coded", "concept", "condition_id", "excluded", "recorded", "status")
+    __slots__ = (
+        "abated",
+        "coded",
+        "concept",
+        "condition_id",
+        "excluded",
+        "folded",
+        "recorded",
+        "status",
+        "texts",
+    )
 
     def __init__(self, condition: Mapping[str, Any]) -> None:
         self.excluded = _status_code(condition.get("verificationStatus")) in EXCLUDED_VERIFICATION
@@ -102,12 +119,19 @@ class _ReadCondition:
         self.concept = condition.get("code")
         # (normalised pair, code, display) of each well-formed coding, as concept_fact reads them.
         self.coded: list[tuple[tuple[str, str], str, str]] = []
+        # The texts concept_named looks in for a name: `text`, then each coding's display.
+        self.texts: list[str] = []
         if isinstance(self.concept, dict):
+            texts = [self.concept.get("text")]
             for coding in objects(self.concept.get("coding")):
+                texts.append(coding.get("display"))
                 system, code = coding.get("system"), coding.get("code")
                 if isinstance(system, str) and isinstance(code, str):
                     display = coding.get("display") or self.concept.get("text") or code
                     self.coded.append((normalise_code(system, code), code, display))
+            self.texts = [text for text in texts if isinstance(text, str)]
+        # Folded once for the name screens of every value set checked.
+        self.folded = folded_for_screen(self.texts)
 
     def current(self, now: datetime, in_remission: bool) -> bool:
         """is_current, from what was read."""
@@ -144,8 +168,8 @@ class ConditionList:
             if since is not None and (recorded is None or recorded < since):
                 continue
             found = _coded_in(read, wanted)
-            if found is None and isinstance(read.concept, dict):
-                named = concept_named(read.concept, wanted.name_pattern)
+            if found is None:
+                named = _named_in(read, wanted.name_pattern)
                 found = None if named is None else ("by name", named)
             if found is not None:
                 code, display = found
@@ -157,4 +181,14 @@ def _coded_in(read: _ReadCondition, wanted: ConditionSet) -> tuple[str, str] | N
     for pair, code, display in read.coded:
         if pair in wanted.codes:
             return code, display
+    return None
+
+
+def _named_in(read: _ReadCondition, pattern: re.Pattern[str]) -> str | None:
+    """concept_named, from the texts read and folded once."""
+    if no_name_in_folded(pattern, read.folded):
+        return None
+    for text in read.texts:
+        if pattern.search(text):  # search_names, without the screen just made for all texts
+            return text.strip()
     return None

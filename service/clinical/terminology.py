@@ -157,9 +157,21 @@ def _none_named(names: tuple[str, ...] | None, texts: list[str]) -> bool:
     """_no_name_in, given the pattern's plain names (None: not known)."""
     if names is None or not texts:
         return names is not None
-    joined = "\n".join(texts)
-    folded = (joined if joined.isascii() else joined.translate(_FOLD_TO_ASCII)).lower()
+    folded = folded_for_screen(texts)
     return not any(map(folded.__contains__, names))
+
+
+def folded_for_screen(texts: list[str]) -> str:
+    """Texts joined and folded as a name screen reads them, for no_name_in_folded: texts
+    screened for several value sets are folded once."""
+    joined = "\n".join(texts)
+    return (joined if joined.isascii() else joined.translate(_FOLD_TO_ASCII)).lower()
+
+
+def no_name_in_folded(pattern: re.Pattern[str], folded: str) -> bool:
+    """_no_name_in(pattern, texts), given folded_for_screen(texts)."""
+    names = _plain_names(pattern)
+    return names is not None and not any(map(folded.__contains__, names))
 
 
 def match_drug(

@@ -215,12 +215,18 @@ _STATUS_FIELD = st.one_of(
     st.fixed_dictionaries({"coding": st.lists(st.fixed_dictionaries({"code": _STATUS}))}),
 )
 _DATE = st.sampled_from(["2026-11-19", "2026-12-01", "2020-01-01T00:00:00Z", "not a date"])
+# Names of the value sets, with letters that fold to ASCII ones and text around them.
+_CONDITION_WORDS = st.sampled_from(
+    ["HYPERV\u0130SCOSITY", "Hyperviscosity", "Waldenstr\u00d6m macroglobulinemia", "IgM MGUS"]
+) | st.sampled_from(_ODD)
 _CODING = st.fixed_dictionaries(
     {},
     optional={
         "system": st.sampled_from(["http://hl7.org/fhir/sid/icd-10-cm", " urn:x"]) | st.none(),
         "code": st.sampled_from(["C88.0", "c880", "D47.2", "E11.9"]) | st.integers(),
-        "display": st.sampled_from(["Waldenstr\u00f6m macroglobulinemia", "x", ""]) | st.none(),
+        "display": st.sampled_from(["Waldenstr\u00f6m macroglobulinemia", "x", ""])
+        | st.lists(_CONDITION_WORDS, max_size=3).map(" ".join)
+        | st.none(),
     },
 )
 _CONDITION = st.fixed_dictionaries(
@@ -237,6 +243,7 @@ _CONDITION = st.fixed_dictionaries(
             optional={
                 "coding": st.lists(_CODING | st.integers(), max_size=2) | st.integers(),
                 "text": st.sampled_from(["hyperviscosity syndrome", "lymphoplasmacytic lymphoma"])
+                | st.lists(_CONDITION_WORDS, max_size=3).map(" ".join)
                 | st.none(),
             },
         )
@@ -255,7 +262,11 @@ def test_conditions_read_once_match_as_read_one_by_one(
 ) -> None:
     now = datetime(2026, 11, 20, tzinfo=UTC)
     read = ConditionList(conditions)
-    for wanted in (_TERMINOLOGY.wm_conditions, _TERMINOLOGY.hyperviscosity_conditions):
+    for wanted in (
+        _TERMINOLOGY.wm_conditions,
+        _TERMINOLOGY.hyperviscosity_conditions,
+        _TERMINOLOGY.mgus_conditions,
+    ):
         expected = _matching_one_by_one(conditions, wanted, now, in_remission, since)
         assert read.matching(wanted, now, in_remission=in_remission, since=since) == expected
 
