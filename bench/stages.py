@@ -221,7 +221,8 @@ def stages_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     lines += [
         "",
         "Each stage is the thread CPU of the functions the request path calls for it "
-        "(bench/stages.py); framework is the rest: routing, middleware, logging, metrics.",
+        "(bench/stages.py); framework is the rest: routing, middleware, logging, metrics, "
+        "freeing the parsed body.",
     ]
     checked = [row for row in rows if "orders_first_sight_ms" in row]
     if checked:
