@@ -17,8 +17,9 @@ hand-off to the store's native thread for every call.
 Each spool file is locked (flock) by the live process that writes it; any worker on the host that
 finds one unlocked (its writer died) adopts and drains it. Writing a record twice is harmless
 (the store ignores a uuid it has). While the store is down the files stay and the writer retries,
-backing off. Records that the disk did not take (a full disk, a missing folder) are counted and
-logged as lost, with counts only: a record holds a patient hash, which has no place in logs.
+backing off; new records go on filling the one file being appended to. Records that the disk did
+not take (a full disk, a missing folder) are counted and logged as lost, with counts only: a
+record holds a patient hash, which has no place in logs.
 
 Feedback may be posted right after its card: `settle()` writes every record spooled on this host
 so far (this process's and other live processes', whose files stay theirs) before the feedback is
@@ -87,7 +88,7 @@ class _Spool:
         self.path = path
         self.descriptor = descriptor
         self.adopted = adopted  # a dead process's file
-        self.refused = False  # the store refused its records at least once
+        self.counted = 0  # of its records, those already counted as spooled
 
     @classmethod
     def claim(cls, path: Path, *, create: bool) -> _Spool | None:
@@ -108,9 +109,16 @@ class _Spool:
         return cls(path, descriptor, adopted=not create)
 
     def append(self, lines: bytes) -> None:
+        """All of `lines`, or none: a write cut short (a full disk) is taken back, so no record
+        of a call counted lost reaches the store, and no later line is joined to a piece."""
+        size = os.fstat(self.descriptor).st_size
         view = memoryview(lines)
-        while view:  # a regular file takes it all at once but for a full disk, which raises
-            view = view[os.write(self.descriptor, view) :]
+        try:
+            while view:  # a regular file takes it all at once but for a full disk, which raises
+                view = view[os.write(self.descriptor, view) :]
+        except BaseException:
+            os.ftruncate(self.descriptor, size)
+            raise
 
     def cards(self) -> list[IssuedCard]:
         size = os.fstat(self.descriptor).st_size
@@ -146,8 +154,8 @@ class IssuedCardRecorder:
                 try:
                     self._active.append(lines)
                 except BaseException:
-                    # Part of a line may be in the file: later records go to a new one, so no
-                    # line of theirs is ever joined to it.
+                    # Should taking the write back have failed too, part of a line may be left:
+                    # later records go to a new file, so none of theirs is joined to it.
                     self._draining.append(self._active)
                     self._active = None
                     raise
@@ -191,45 +199,70 @@ class IssuedCardRecorder:
         with self._writing:
             with self._lock:
                 self._forget_parent()
+                self._draining += self._orphans()
+                taken = list(self._draining)
+            # Files taken earlier (the store refused them) go first. While they are refused, the
+            # file being appended to is left in place: a store outage fills one file, not one
+            # new file (and descriptor) per attempt.
+            self._write_all(taken)
+            with self._lock:
                 if self._active is not None:  # new records go to a new file from now on
                     self._draining.append(self._active)
                     self._active = None
-                draining = self._draining + self._orphans()
-                self._draining = draining
-            for index, spool in enumerate(list(draining)):
-                try:
-                    self._write(spool)
-                except Exception:
-                    # Kept on disk until the store is back: counted once, now, for every file
-                    # this process wrote that the store has not taken, not only the first.
-                    for refused in draining[index:]:
-                        if not refused.refused and not refused.adopted:
-                            self._count("spooled", len(refused.cards()))
-                        refused.refused = True
-                    raise
-                with self._lock:
-                    self._draining.remove(spool)
+                taken = list(self._draining)
+            self._write_all(taken)
             return not self.pending()
+
+    def _write_all(self, spools: list[_Spool]) -> None:
+        for index, spool in enumerate(spools):
+            try:
+                self._write(spool)
+            except Exception:
+                with self._lock:
+                    waiting = [*spools[index:], *([self._active] if self._active else [])]
+                self._count_spooled(waiting)
+                raise
+            with self._lock:
+                self._draining.remove(spool)
+
+    def _count_spooled(self, spools: list[_Spool]) -> None:
+        """The store refused: each record of this process not yet in it is counted as spooled,
+        once (adopted files were counted by the process that wrote them)."""
+        for spool in spools:
+            if not spool.adopted:
+                total = len(spool.cards())
+                if total > spool.counted:
+                    self._count("spooled", total - spool.counted)
+                    spool.counted = total
 
     def _write(self, spool: _Spool) -> None:
         cards = spool.cards()
         for start in range(0, len(cards), BATCH):
             self._store().record_issued(cards[start : start + BATCH])
         spool.remove()
-        if not cards:
-            return
-        if spool.refused or spool.adopted:
-            self._count("recovered", len(cards))
-            log.info("%d spooled issued-card records written to the store", len(cards))
-        else:
-            self._count("stored", len(cards))
+        # Recovered: what was counted as spooled, or a dead process's; stored: the rest.
+        recovered = len(cards) if spool.adopted else min(spool.counted, len(cards))
+        if recovered:
+            self._count("recovered", recovered)
+            log.info("%d spooled issued-card records written to the store", recovered)
+        if len(cards) > recovered:
+            self._count("stored", len(cards) - recovered)
 
     def _new_spool(self) -> _Spool:
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self._directory / f"issued-{uuid.uuid4().hex}.jsonl"
-        spool = _Spool.claim(path, create=True)
-        if spool is None:  # a fresh uuid name cannot be locked by another
+        name = f"issued-{uuid.uuid4().hex}.jsonl"
+        # Made and locked under a name no worker adopts, then renamed: under its own name an
+        # unlocked new file could be taken (and removed) by another worker before the lock.
+        hidden = self._directory / f".{name}.new"
+        spool = _Spool.claim(hidden, create=True)
+        if spool is None:  # a fresh uuid name, which no other process looks for
             raise OSError("spool file could not be locked")
+        try:
+            os.rename(hidden, self._directory / name)
+        except BaseException:
+            spool.remove()
+            raise
+        spool.path = self._directory / name
         return spool
 
     def _forget_parent(self) -> None:
@@ -242,19 +275,23 @@ class IssuedCardRecorder:
         """The writer thread of this process (after a fork, a new one)."""
         with self._lock:
             self._forget_parent()
-            if self._thread is not None:
+            if self._thread is not None and self._thread.is_alive():
                 return
             self._thread = threading.Thread(target=self._run, name="issued-spool", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
-        delay: float | None = None  # idle: sleep until records are spooled
+        delay: float | None = None  # None: no failure, sleep until records are spooled
         while True:
-            self._wake.wait(timeout=delay)
-            time.sleep(FLUSH_SECONDS)  # the calls that follow join this write
+            if delay is None:
+                self._wake.wait()
+                time.sleep(FLUSH_SECONDS)  # the calls that follow join this write
+            else:
+                time.sleep(delay)  # the store failed: new records do not hasten the retry
             self._wake.clear()
             try:
-                drained = self.drain()
+                self.drain()
+                delay = None
             except StoreClosed:
                 # Shutting down: what is left stays on disk for the next process on the host.
                 with self._lock:
@@ -262,10 +299,6 @@ class IssuedCardRecorder:
                 return
             except Exception as exc:
                 log.warning("issued-card spool not written yet (%s)", type(exc).__name__)
-                drained = False
-            if drained:
-                delay = None
-            else:
                 delay = min((delay or FIRST_RETRY_SECONDS / 2) * 2, MAX_RETRY_SECONDS)
 
     def _orphans(self) -> list[_Spool]:

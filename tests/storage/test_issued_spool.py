@@ -346,3 +346,55 @@ def test_a_closed_store_ends_the_writer_and_leaves_the_records_on_disk(tmp_path:
     writer.join(timeout=10)
     assert not writer.is_alive()
     assert spooled_uuids(tmp_path / "spool") == {"card-1"}
+
+
+def test_a_new_spool_file_is_locked_before_any_worker_can_take_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker draining between the new file's creation and its lock must not take (and
+    remove) it: its records would be on disk under no name, out of every other worker's reach."""
+    import fcntl
+    import types
+
+    store = FlakyStore(tmp_path / "db.sqlite3")
+    store.down = True  # nothing leaves the spool during the test
+    spooler = recorder(store, tmp_path / "spool", Counter[str]())
+    other = recorder(store, tmp_path / "spool", Counter[str]())
+    real_flock = fcntl.flock
+    raced = []
+
+    def flock_after_another_drain(descriptor: int, operation: int) -> None:
+        if not raced:
+            raced.append(True)
+            other.drain()  # between the file's creation and its lock
+        real_flock(descriptor, operation)
+
+    monkeypatch.setattr(
+        issued_spool,
+        "fcntl",
+        types.SimpleNamespace(
+            flock=flock_after_another_drain, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB
+        ),
+    )
+    spooler.record([issued("card-1")])
+    assert raced and spooled_uuids(tmp_path / "spool") == {"card-1"}
+
+
+def test_a_store_outage_fills_one_file_and_the_retries_back_off(tmp_path: Path) -> None:
+    store, counts = FlakyStore(tmp_path / "db.sqlite3"), Counter[str]()
+    store.down = True
+    spooler = recorder(store, tmp_path / "spool", counts)
+    names = [f"card-{i:02d}" for i in range(15)]
+    files = set()
+    for name in names:  # 1.5 s of calls while the store is down
+        spooler.record([issued(name)])
+        files |= {f.name for f in (tmp_path / "spool").glob("issued-*.jsonl")}
+        time.sleep(0.1)
+    # The first file the writer took, and the one the calls went on filling; a few attempts
+    # (0.2 s, then backing off from 0.5 s), not one every 0.2 s.
+    assert len(files) <= 2 and 1 <= len(store.writes) <= 4
+    store.down = False
+    wait_until(lambda: not spooler.pending())
+    assert stored_uuids(tmp_path / "db.sqlite3") == names
+    assert counts["recovered"] == counts["spooled"] > 0 and "lost" not in counts
+    assert counts["recovered"] + counts["stored"] == 15
