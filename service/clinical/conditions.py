@@ -49,14 +49,25 @@ def is_current(condition: Mapping[str, Any], now: datetime, in_remission: bool =
     `in_remission`: a diagnosis in remission still counts (decision 9: a patient with WM in
     remission who relapses is the one who is given rituximab again).
     """
-    if _status_code(condition.get("verificationStatus")) in EXCLUDED_VERIFICATION:
+    return _current(
+        _status_code(condition.get("verificationStatus")) in EXCLUDED_VERIFICATION,
+        _status_code(condition.get("clinicalStatus")),
+        parse_fhir_datetime(condition.get("abatementDateTime")),
+        now,
+        in_remission,
+    )
+
+
+def _current(
+    excluded: bool, status: str | None, abated: datetime | None, now: datetime, in_remission: bool
+) -> bool:
+    """is_current's rule, on what it reads from a Condition (ConditionList reads it once)."""
+    if excluded:
         return False
-    status = _status_code(condition.get("clinicalStatus"))
     if in_remission and status == "remission":
         return True
     if status in INACTIVE_CLINICAL:
         return False
-    abated = parse_fhir_datetime(condition.get("abatementDateTime"))
     return not (abated is not None and abated <= now)
 
 
@@ -135,13 +146,7 @@ class _ReadCondition:
 
     def current(self, now: datetime, in_remission: bool) -> bool:
         """is_current, from what was read."""
-        if self.excluded:
-            return False
-        if in_remission and self.status == "remission":
-            return True
-        if self.status in INACTIVE_CLINICAL:
-            return False
-        return not (self.abated is not None and self.abated <= now)
+        return _current(self.excluded, self.status, self.abated, now, in_remission)
 
 
 class ConditionList:

@@ -55,10 +55,15 @@ def references_patient(resource: Resource, patient_id: str) -> bool:
 
     Bundle-local references (urn:uuid:...) and absent subjects cannot be checked and are kept.
     """
+    # Exactly "Patient/<id>", an id with no "/", is the common case: told without taking the
+    # reference apart, with the answer the parts below give it.
+    own = f"Patient/{patient_id}" if patient_id and "/" not in patient_id else None
     for key in ("subject", "patient"):
         ref = resource.get(key)
         if not isinstance(ref, dict) or not isinstance(ref.get("reference"), str):
             continue
+        if ref["reference"] == own:
+            return True
         reference = ref["reference"].split("/_history/")[0].rstrip("/")
         if reference.startswith(("urn:", "#")):
             return True

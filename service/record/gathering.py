@@ -78,21 +78,11 @@ def _check_value(key: str, value: Mapping[str, Any], patient_id: str, where: str
                 raise InvalidPrefetch(f"{where}.{field}[{index}]", "must be an object")
             if field == "entry" and "resource" in item:
                 resource = item["resource"]
-                kind = resource.get("resourceType") if isinstance(resource, dict) else None
-                if not (isinstance(kind, str) and kind):  # the location is made only to refuse
-                    _check_entry_resource(resource, f"{where}.entry[{index}].resource")
+                _check_entry_resource(resource, where, index)
                 resources.append(resource)
     expected = RECORD_KEYS[key][1]
-    # A subject of exactly "Patient/<id>" is this patient's, as references_patient reads it
-    # (an id with no "/"): the common case, told without taking the reference apart.
-    own = f"Patient/{patient_id}" if patient_id and "/" not in patient_id else None
     for resource in resources:
-        if resource.get("resourceType") != expected:
-            continue
-        subject = resource.get("subject")
-        if own is not None and isinstance(subject, dict) and subject.get("reference") == own:
-            continue
-        if references_patient(resource, patient_id):
+        if resource.get("resourceType") != expected or references_patient(resource, patient_id):
             continue
         raise InvalidPrefetch(
             where,
@@ -100,15 +90,18 @@ def _check_value(key: str, value: Mapping[str, Any], patient_id: str, where: str
         )
 
 
-def _check_entry_resource(resource: Any, where: str) -> None:
+def _check_entry_resource(resource: Any, bundle: str, index: int) -> None:
     """An entry's resource must be one: the readers skip what is not, and a result skipped for
     its shape would read as "no such result" (entries of other types, such as included
-    Medications, are kept for what they are)."""
+    Medications, are kept for what they are). Its location is made only to refuse it: this runs
+    for every entry of every Bundle."""
+    kind = resource.get("resourceType") if isinstance(resource, dict) else None
+    if isinstance(kind, str) and kind:
+        return
+    where = f"{bundle}.entry[{index}].resource"
     if not isinstance(resource, dict):
         raise InvalidPrefetch(where, "must be a FHIR resource (an object)")
-    kind = resource.get("resourceType")
-    if not isinstance(kind, str) or not kind:
-        raise InvalidPrefetch(f"{where}.resourceType", "must name the resource's type")
+    raise InvalidPrefetch(f"{where}.resourceType", "must name the resource's type")
 
 
 def _check_patient(value: Any, patient_id: str) -> None:

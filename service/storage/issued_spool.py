@@ -189,8 +189,7 @@ class IssuedCardRecorder:
                 cards = decode(path.read_bytes())
             except FileNotFoundError:
                 continue  # drained and removed meanwhile
-            for start in range(0, len(cards), BATCH):
-                self._store().record_issued(cards[start : start + BATCH])
+            self._store_all(cards)
 
     def drain(self) -> bool:
         """Write every record this process spooled, and those of dead processes, to the store;
@@ -237,8 +236,7 @@ class IssuedCardRecorder:
 
     def _write(self, spool: _Spool) -> None:
         cards = spool.cards()
-        for start in range(0, len(cards), BATCH):
-            self._store().record_issued(cards[start : start + BATCH])
+        self._store_all(cards)
         spool.remove()
         # Recovered: what was counted as spooled, or a dead process's; stored: the rest.
         recovered = len(cards) if spool.adopted else min(spool.counted, len(cards))
@@ -247,6 +245,11 @@ class IssuedCardRecorder:
             log.info("%d spooled issued-card records written to the store", recovered)
         if len(cards) > recovered:
             self._count("stored", len(cards) - recovered)
+
+    def _store_all(self, cards: list[IssuedCard]) -> None:
+        """Into the store, BATCH rows per transaction."""
+        for start in range(0, len(cards), BATCH):
+            self._store().record_issued(cards[start : start + BATCH])
 
     def _new_spool(self) -> _Spool:
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
