@@ -378,6 +378,8 @@ def test_a_new_spool_file_is_locked_before_any_worker_can_take_it(
     )
     spooler.record([issued("card-1")])
     assert raced and spooled_uuids(tmp_path / "spool") == {"card-1"}
+    store.down = False  # the writer stops retrying once the record is in
+    wait_until(lambda: not spooler.pending())
 
 
 def test_a_store_outage_fills_one_file_and_the_retries_back_off(tmp_path: Path) -> None:
