@@ -29,6 +29,8 @@ from gunicorn.http import errors as http_errors
 from gunicorn.workers.ggevent import GeventWorker
 from werkzeug.exceptions import BadRequest, RequestTimeout
 
+from service.serving import responses
+
 log = logging.getLogger("flare_cds.server")
 
 
@@ -207,6 +209,7 @@ class FlareWorker(GeventWorker):  # type: ignore[misc]
         # Greenlets whose connection has not yet finished a request: for them the header
         # deadline applies; afterwards an idle keep-alive connection is simply closed.
         self._first_request: set[Any] = set()
+        responses.install()
         super().init_process()
 
     def load_wsgi(self) -> None:
