@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep connections open (default: Connection: close per request)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measurements per level, baseline and service in turn; the median round is kept",
+    )
+    parser.add_argument(
         "--retries",
         type=int,
         default=2,
@@ -149,7 +155,7 @@ def _fresh_workdir(workdir: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.quick:
-        args.duration, args.warmup, args.connections = 1, 1, (8,)
+        args.duration, args.warmup, args.connections, args.rounds = 1, 1, (8,), 1
         args.workloads = args.workloads or ",".join(QUICK_WORKLOADS)
         args.no_growth = True
         args.stage_calls = min(args.stage_calls, 30)
@@ -171,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         close=not args.keepalive,
         max_other_cores=args.max_other_cores,
         retries=args.retries,
+        rounds=args.rounds,
     )
     names = [n.strip() for n in args.workloads.split(",")] if args.workloads else None
     results: list[dict[str, Any]] = []
@@ -289,6 +296,7 @@ def _document(
             "connection": "keep-alive" if args.keepalive else "close",
             "max_other_cores": args.max_other_cores,
             "retries": args.retries,
+            "rounds": args.rounds,
             "server": "flare-cds: `flare-cds serve` (gunicorn, gevent worker); baseline: the "
             "fastest settings found (see baseline.search), and the service's own",
         },

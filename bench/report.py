@@ -109,10 +109,15 @@ def _peak_rss(result: Result) -> tuple[float | None, str]:
     return result["memory"]["peak_rss_mb"], "max over workers"
 
 
+def _point_errors(point: Result) -> int:
+    """Errors of every round measured at this point, not only the round shown."""
+    if "rounds" in point:
+        return sum(r["errors"] for r in point["rounds"])
+    return int(point["service"]["errors"]["total"] + point["baseline"]["errors"]["total"])
+
+
 def _errors(result: Result) -> tuple[float | None, str]:
-    total = sum(
-        p["service"]["errors"]["total"] + p["baseline"]["errors"]["total"] for p in result["points"]
-    )
+    total = sum(_point_errors(p) for p in result["points"])
     return float(total + result["worker_restarts"]), "all points, service + baseline"
 
 
@@ -225,6 +230,15 @@ def render_markdown(document: dict[str, Any]) -> str:
         f"- Each point: {settings['warmup_s']} s warm-up, then {settings['duration_s']} s "
         f"measured with `wrk -t{settings['wrk_threads']} -c<conn> --latency`, "
         f"connections: {settings['connection']}" + (" (quick mode)" if settings["quick"] else ""),
+        *(
+            [
+                f"- Each level measured {settings['rounds']} times, baseline and service in turn; "
+                "shown is the round with the median throughput ratio (all rounds: "
+                "`rounds` in results.json), errors counted over all rounds"
+            ]
+            if settings.get("rounds", 1) > 1
+            else []
+        ),
         f"- No-prefetch workload: loopback FHIR server adding {settings['fhir_delay_ms']:g} ms "
         "per query and keeping HTTP/1.1 connections open, as production FHIR servers do; "
         f"`[fhir] deadline_seconds = {settings['fhir_deadline_s']:g}`",

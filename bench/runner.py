@@ -37,6 +37,10 @@ class LoadSettings:
     # up to `retries` times; the least disturbed attempt is kept.
     max_other_cores: float = 0.25
     retries: int = 2
+    # Each level is measured this many times, baseline and service in turn, and the round with
+    # the median throughput ratio is the point: on a shared machine a burst of load from another
+    # VM moves one round, not the median. Every round's errors count.
+    rounds: int = 1
 
 
 def _expect_marker(text: str, key: str, value: str) -> str:
@@ -168,20 +172,22 @@ def run_workload(
         )
         points = []
         for connections in settings.connections:
-            base = _load(
-                settings, baseline, workload, body_file, baseline_expect, connections, progress
-            )
-            after_point()
-            own = _load(
-                settings,
-                service,
-                workload,
-                body_file,
-                result["check"]["expect"],
-                connections,
-                progress,
-            )
-            after_point()
+            rounds = []
+            for _ in range(max(1, settings.rounds)):
+                measured: dict[str, dict[str, Any]] = {}
+                for side, server, expect in (
+                    ("baseline", baseline, baseline_expect),
+                    ("service", service, result["check"]["expect"]),
+                    ("baseline_own", own_baseline, baseline_expect),
+                ):
+                    if server is not None:
+                        measured[side] = _load(
+                            settings, server, workload, body_file, expect, connections, progress
+                        )
+                        after_point()
+                rounds.append(measured)
+            chosen = _median_round(rounds)
+            own, base = chosen["service"], chosen["baseline"]
             rps, base_rps = own["throughput_rps"], base["throughput_rps"]
             ratio = rps / base_rps if base_rps else 0.0
             point: dict[str, Any] = {
@@ -190,17 +196,10 @@ def run_workload(
                 "baseline": base,
                 "throughput_ratio": round(ratio, 3),
             }
+            if len(rounds) > 1:
+                point["rounds"] = [_round_summary(measured) for measured in rounds]
             if own_baseline is not None:
-                same = _load(
-                    settings,
-                    own_baseline,
-                    workload,
-                    body_file,
-                    baseline_expect,
-                    connections,
-                    progress,
-                )
-                after_point()
+                same = chosen["baseline_own"]
                 same_rps = same["throughput_rps"]
                 point["baseline_own"] = same
                 point["throughput_ratio_own"] = round(rps / same_rps if same_rps else 0.0, 3)
@@ -212,6 +211,9 @@ def run_workload(
                     f"{point['baseline_own']['throughput_rps']:8.1f} req/s, "
                     f"{point['throughput_ratio_own']:.2f}x"
                 )
+            if len(rounds) > 1:
+                ratios = ", ".join(f"{r['throughput_ratio']:.2f}x" for r in point["rounds"])
+                progress(f"  {connections:>3} conn: rounds {ratios}; the median one follows")
             progress(
                 f"  {connections:>3} conn: {rps:8.1f} req/s (baseline {base_rps:8.1f}, "
                 f"{ratio:.2f}x)  p50 {latency['p50']:.2f} p90 {latency['p90']:.2f} "
@@ -229,3 +231,24 @@ def run_workload(
     }
     result["worker_restarts"] = restarts
     return result
+
+
+def _ratio(measured: dict[str, Any]) -> float:
+    base = measured["baseline"]["throughput_rps"]
+    return measured["service"]["throughput_rps"] / base if base else 0.0
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median throughput ratio (of an even number, the lower middle one)."""
+    return sorted(rounds, key=_ratio)[(len(rounds) - 1) // 2]
+
+
+def _round_summary(measured: dict[str, Any]) -> dict[str, Any]:
+    own, base = measured["service"], measured["baseline"]
+    base_cpu = base["cpu"]["ms_per_request"]
+    return {
+        "throughput_ratio": round(_ratio(measured), 3),
+        "cpu_ratio": round(own["cpu"]["ms_per_request"] / base_cpu, 3) if base_cpu else None,
+        "service_cpu_ms": own["cpu"]["ms_per_request"],
+        "errors": sum(side["errors"]["total"] for side in measured.values()),
+    }

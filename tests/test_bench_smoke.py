@@ -12,6 +12,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,37 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     markdown = (out / "results.md").read_text("utf-8")
     assert "## Targets" in markdown and "## CPU per call by stage" in markdown
     assert "## Baseline server settings" in markdown
+
+
+def _measured(service_rps: float, baseline_rps: float, errors: int = 0) -> dict[str, Any]:
+    def side(rps: float, errors: int) -> dict[str, Any]:
+        return {
+            "throughput_rps": rps,
+            "cpu": {"ms_per_request": 1000 / rps},
+            "errors": {"total": errors},
+        }
+
+    return {"baseline": side(baseline_rps, 0), "service": side(service_rps, errors)}
+
+
+def test_a_level_measured_in_rounds_shows_its_median_round_and_counts_every_rounds_errors() -> None:
+    from bench.report import _errors
+    from bench.runner import _median_round, _round_summary
+
+    rounds = [_measured(400, 1000), _measured(520, 1000, errors=2), _measured(480, 1000)]
+    # A burst of load on one round (0.40x here) does not decide the point, nor does a lucky one.
+    assert _median_round(rounds) is rounds[2]
+    # Of an even number of rounds, the lower middle one.
+    assert _median_round(rounds[:2]) is rounds[0]
+    point = {
+        "connections": 8,
+        "service": rounds[2]["service"],
+        "baseline": rounds[2]["baseline"],
+        "rounds": [_round_summary(r) for r in rounds],
+    }
+    assert [r["throughput_ratio"] for r in point["rounds"]] == [0.4, 0.52, 0.48]
+    # The errors of the rounds not shown still fail the bench.
+    assert _errors({"points": [point], "worker_restarts": 0}) == (
+        2.0,
+        "all points, service + baseline",
+    )
