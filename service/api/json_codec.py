@@ -134,9 +134,10 @@ def _pruned_request(data: bytes, prune: frozenset[str]) -> Any:
     def entry(raw: Any) -> Any:  # one entry's full objects at a time
         value = _decode_shared(raw)
         resource = value.get("resource") if isinstance(value, dict) else None
-        if isinstance(resource, dict):
-            for field in prune.intersection(resource):
-                del resource[field]
+        if isinstance(resource, dict) and not prune.isdisjoint(resource):
+            # A new dict, not fields deleted in place: a dict keeps the table of its largest
+            # size, and on a 6,000-result chart that was about 1 MB more at the worker's peak.
+            value["resource"] = {k: v for k, v in resource.items() if k not in prune}
         return value
 
     def bundle_field(key: str, raw: Any) -> Any:
