@@ -3,7 +3,6 @@ entered in error; recognised by code, or by name in text when no coding matches.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +14,7 @@ from service.clinical.terminology import (
     ConditionSet,
     concept_named,
     folded_for_screen,
-    no_name_in_folded,
+    named_text,
     normalise_code,
 )
 
@@ -174,7 +173,7 @@ class ConditionList:
                 continue
             found = _coded_in(read, wanted)
             if found is None:
-                named = _named_in(read, wanted.name_pattern)
+                named = named_text(wanted.name_pattern, read.texts, read.folded)
                 found = None if named is None else ("by name", named)
             if found is not None:
                 code, display = found
@@ -186,14 +185,4 @@ def _coded_in(read: _ReadCondition, wanted: ConditionSet) -> tuple[str, str] | N
     for pair, code, display in read.coded:
         if pair in wanted.codes:
             return code, display
-    return None
-
-
-def _named_in(read: _ReadCondition, pattern: re.Pattern[str]) -> str | None:
-    """concept_named, from the texts read and folded once."""
-    if no_name_in_folded(pattern, read.folded):
-        return None
-    for text in read.texts:
-        if pattern.search(text):  # search_names, without the screen just made for all texts
-            return text.strip()
     return None

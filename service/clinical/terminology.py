@@ -127,9 +127,15 @@ def concept_named(concept: Mapping[str, Any] | None, pattern: re.Pattern[str]) -
         return None
     texts = [concept.get("text")] + [c.get("display") for c in objects(concept.get("coding"))]
     strings = [text for text in texts if isinstance(text, str)]
-    if _no_name_in(pattern, strings):
+    return named_text(pattern, strings, folded_for_screen(strings))
+
+
+def named_text(pattern: re.Pattern[str], texts: list[str], folded: str) -> str | None:
+    """The first of `texts` in which `pattern` finds a name, stripped; `folded` is
+    folded_for_screen(texts), made once by a caller that screens them for several patterns."""
+    if no_name_in_folded(pattern, folded):
         return None
-    for text in strings:
+    for text in texts:
         if search_names(pattern, text):
             return text.strip()
     return None
@@ -140,38 +146,38 @@ def search_names(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
     with plain substring tests, the texts in which no name occurs at all (most of a chart: a
     search of the name alternation costs about ten times as much)."""
     names = _plain_names(pattern)
-    if names is not None:
-        folded = (text if text.isascii() else text.translate(_FOLD_TO_ASCII)).lower()
-        if not any(map(folded.__contains__, names)):
-            return None
+    if names is not None and not _names_in(names, _folded(text)):
+        return None
     return pattern.search(text)
 
 
-def _no_name_in(pattern: re.Pattern[str], texts: list[str]) -> bool:
-    """True when search_names(pattern, text) is None for every one of `texts`, told by a single
-    screen of them joined (a name in one of them is in the joined text); False when unsure."""
-    return _none_named(_plain_names(pattern), texts)
-
-
 def _none_named(names: tuple[str, ...] | None, texts: list[str]) -> bool:
-    """_no_name_in, given the pattern's plain names (None: not known)."""
+    """True when search_names finds no name in any of `texts`, for a pattern whose plain names
+    are `names` (None: not known), told by a single screen of them joined (a name in one of them
+    is in the joined text); False when unsure."""
     if names is None or not texts:
         return names is not None
-    folded = folded_for_screen(texts)
-    return not any(map(folded.__contains__, names))
+    return not _names_in(names, folded_for_screen(texts))
 
 
 def folded_for_screen(texts: list[str]) -> str:
     """Texts joined and folded as a name screen reads them, for no_name_in_folded: texts
     screened for several value sets are folded once."""
-    joined = "\n".join(texts)
-    return (joined if joined.isascii() else joined.translate(_FOLD_TO_ASCII)).lower()
+    return _folded("\n".join(texts))
 
 
 def no_name_in_folded(pattern: re.Pattern[str], folded: str) -> bool:
-    """_no_name_in(pattern, texts), given folded_for_screen(texts)."""
+    """_none_named for `pattern`, given folded_for_screen(texts)."""
     names = _plain_names(pattern)
-    return names is not None and not any(map(folded.__contains__, names))
+    return names is not None and not _names_in(names, folded)
+
+
+def _folded(text: str) -> str:
+    return (text if text.isascii() else text.translate(_FOLD_TO_ASCII)).lower()
+
+
+def _names_in(names: tuple[str, ...], folded: str) -> bool:
+    return any(map(folded.__contains__, names))
 
 
 def match_drug(
