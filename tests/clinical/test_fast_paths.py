@@ -26,7 +26,9 @@ from service.clinical.observations import (
 )
 from service.clinical.record import references_patient
 from service.clinical.terminology import (
+    _SCREEN_MEMO_CHARS,
     ConditionSet,
+    _names_in,
     _plain_names,
     _screen,
     build_terminology,
@@ -149,6 +151,17 @@ def test_one_screen_of_joined_texts_never_rules_out_a_name(texts: list[str]) -> 
     for pattern in (*screens, _TERMINOLOGY.wm_conditions.name_pattern):
         if no_name_in_folded(pattern, folded_for_screen(texts)):
             assert not any(search_names(pattern, text) for text in texts)
+
+
+@given(st.lists(_WORDS, max_size=6).map(" ".join), st.integers(0, 2 * _SCREEN_MEMO_CHARS))
+def test_a_remembered_screen_answers_as_the_screen(text: str, padding: int) -> None:
+    # Texts past the memo's length are screened directly; both ways, a second call (perhaps
+    # remembered) answers as the first and as a test of every name.
+    folded = ("x" * padding + " " + text).lower()
+    names = _screen(_TERMINOLOGY.drug_groups)[2]
+    assert names is not None
+    expected = any(name in folded for name in names)
+    assert _names_in(names, folded) == _names_in(names, folded) == expected
 
 
 # Site-configured names and codes too, one not ASCII (no plain screen for its class).
