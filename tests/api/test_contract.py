@@ -91,3 +91,49 @@ def test_start_up_compiles_what_requests_are_checked_against_and_no_more(app: An
     response = client.post(f"/cds-services/{SERVICE_FOR_HOOK['order-sign']}/feedback", json={})
     assert response.status_code == 400
     assert (set(contract._fast), set(contract._validators)) == compiled
+
+
+def _cap_errors(schema: str, instance: Any) -> list[str]:
+    """Where the Python validator finds an array past its maxItems, as problems() words places."""
+    found = []
+    pending = list(CONTRACT.validator(schema).iter_errors(instance))
+    while pending:
+        error = pending.pop()
+        pending += error.context or []
+        if error.validator == "maxItems":
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+            found.append(path.lstrip(".") or "(body)")
+    return sorted(found)
+
+
+_ORDER_SIGN = next(load_fixture(n) for n in all_fixture_names("order-sign"))
+_ORDER_SELECT = next(load_fixture(n) for n in all_fixture_names("order-select"))
+
+
+@pytest.mark.parametrize(
+    ("schema", "body", "places"),
+    [
+        ("OrderSignRequest", _ORDER_SIGN, ["prefetch.igm.entry"]),
+        ("OrderSignRequest", _ORDER_SIGN, ["context.draftOrders.entry"]),
+        ("OrderSignRequest", _ORDER_SIGN, ["prefetch.conditions.entry", "prefetch.igm.entry"]),
+        ("OrderSelectRequest", _ORDER_SELECT, ["context.selections"]),
+        ("FeedbackRequest", {"feedback": []}, ["feedback"]),
+    ],
+)
+def test_array_caps_are_found_where_the_validator_finds_them(
+    schema: str, body: dict[str, Any], places: list[str]
+) -> None:
+    # The caps are checked first, by a plan of the schema compiled once; each place it names
+    # must be one the Python validator names for maxItems, and no other.
+    body = copy.deepcopy(body)
+    for place in places:
+        *parents, name = place.split(".")
+        target = body
+        for step in parents:
+            target = target.setdefault(step, {"resourceType": "Bundle"})
+        target[name] = ["x"] * 10_001  # past every cap in the contract
+    problems = CONTRACT.problems(schema, body)
+    assert [p.location for p in problems] == sorted(places) == _cap_errors(schema, body)
+    assert all("has 10001 items; at most" in p.problem for p in problems)
+    unchanged = copy.deepcopy(_ORDER_SIGN)
+    assert CONTRACT.problems("OrderSignRequest", unchanged) == []
