@@ -176,25 +176,34 @@ def _folded(text: str) -> str:
     return (text if text.isascii() else text.translate(_FOLD_TO_ASCII)).lower()
 
 
-# Texts up to this long have their screen remembered (_names_in): longer ones are rare, and
-# kept they would make the cache large.
+# Texts up to this long have their screen remembered (_names_in), up to this many per list of
+# names: longer texts are rare, and kept they would make the memo large.
 _SCREEN_MEMO_CHARS = 256
+_SCREEN_MEMO_TEXTS = 4096
+# Per list of names (keyed by id(), the tuple kept to make the key safe): folded text -> whether
+# a name is in it. Medication and condition texts come from a small vocabulary that recurs
+# across charts ("apixaban 5 mg oral twice daily"), and a screen is one substring test per name
+# (23 for the drug groups): remembered, a chart's 30 orders are screened in 2 us instead of 35.
+_SCREEN_MEMOS: dict[int, tuple[tuple[str, ...], dict[str, bool]]] = {}
 
 
 def _names_in(names: tuple[str, ...], folded: str) -> bool:
     if len(folded) > _SCREEN_MEMO_CHARS:
         return _any_name_in(names, folded)
-    return _remembered_names_in(names, folded)
+    kept = _SCREEN_MEMOS.get(id(names))
+    if kept is None or kept[0] is not names:
+        kept = _SCREEN_MEMOS[id(names)] = (names, {})
+    memo = kept[1]
+    found = memo.get(folded)
+    if found is None:
+        if len(memo) >= _SCREEN_MEMO_TEXTS:
+            memo.clear()
+        found = memo[folded] = _any_name_in(names, folded)
+    return found
 
 
 def _any_name_in(names: tuple[str, ...], folded: str) -> bool:
     return any(map(folded.__contains__, names))
-
-
-# Medication and condition texts come from a small vocabulary that recurs across charts
-# ("apixaban 5 mg oral twice daily"), and a screen is one substring test per name (23 for the
-# drug groups): remembered, a chart's 30 orders are screened in 2 us instead of 35.
-_remembered_names_in = lru_cache(maxsize=4096)(_any_name_in)
 
 
 def match_drug(

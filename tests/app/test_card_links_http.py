@@ -158,3 +158,32 @@ def test_absolute_links_are_off_by_default(tmp_path, agent: Agent) -> None:
         page = agent.get(f"{server.url}/app/timeline?{query}")
         assert page.status_code == 403
         assert "not enabled" in page.text
+
+
+def test_without_a_public_base_url_the_link_follows_the_host_called(tmp_path) -> None:
+    # Each call's link is built from the scheme, Host and mount point of that call, so two
+    # names for one service (behind two proxies) each get links to themselves.
+    app = create_app(test_settings(tmp_path), clock=lambda: FIXTURE_NOW)
+    client = app.test_client()
+    body = load_fixture("order-sign/wm-igm-4500-rituximab")
+    seen = []
+    for base, mount in (
+        ("http://cds-a.example.org", ""),
+        ("https://cds-b.example.org:8443", ""),
+        ("http://cds-a.example.org", "/flare"),
+        ("http://cds-a.example.org", ""),
+    ):
+        response = client.post(
+            "/cds-services/rituximab-flare-order-sign",
+            json=body,
+            base_url=base + mount,
+        )
+        assert response.status_code == 200, response.get_data(as_text=True)[:300]
+        [link] = response.get_json()["cards"][0]["links"]
+        seen.append(link["url"])
+    assert seen == [
+        "http://cds-a.example.org/app/launch",
+        "https://cds-b.example.org:8443/app/launch",
+        "http://cds-a.example.org/flare/app/launch",
+        "http://cds-a.example.org/app/launch",
+    ]
