@@ -225,7 +225,10 @@ NEAR_PLAIN = st.lists(
 @given(NEAR_PLAIN | TRICKY)
 def test_text_left_unchanged_is_what_the_escapes_give(value: str) -> None:
     text = " ".join(value.split())
-    assert inline(value) == _escaped(text)
+    # Twice (the second perhaps remembered), and past the length of the texts remembered.
+    assert inline(value) == inline(value) == _escaped(text)
+    longer = value + " x" * 40
+    assert inline(longer) == inline(longer) == _escaped(" ".join(longer.split()))
 
 
 def test_plain_cells_are_left_as_they_are() -> None:
