@@ -36,9 +36,52 @@ class CardTemplate:
 
     def fill(self, template: Template, values: Mapping[str, Any]) -> str:
         try:
-            return template.substitute(values)
+            pieces = _pieces(template)
+            if pieces is None:
+                return template.substitute(values)  # its error for a malformed placeholder
+            filled = []
+            for literal, name in pieces:
+                filled.append(literal)
+                if name is not None:
+                    filled.append(str(values[name]))
+            return "".join(filled)
         except KeyError as exc:
             raise CardCatalogError(f"card {self.finding}: no value for ${exc.args[0]}") from None
+
+
+# Each template's text cut once into (literal, placeholder) pieces: Template.substitute runs its
+# pattern and a Python callback per placeholder on every fill, a few per card. Keyed by id(), the
+# template kept to make the key safe; the templates are the catalog's, loaded once.
+_PIECES: dict[int, tuple[Template, tuple[tuple[str, str | None], ...] | None]] = {}
+_MAX_PIECES = 1024
+
+
+def _pieces(template: Template) -> tuple[tuple[str, str | None], ...] | None:
+    """`template` as pieces that, each literal followed by its placeholder's value, make what
+    substitute() makes; None if a placeholder is malformed."""
+    known = _PIECES.get(id(template))
+    if known is not None and known[0] is template:
+        return known[1]
+    text, pieces, literal, at = template.template, [], [], 0
+    cut: tuple[tuple[str, str | None], ...] | None = None
+    for match in template.pattern.finditer(text):
+        literal.append(text[at : match.start()])
+        at = match.end()
+        if match.group("escaped") is not None:
+            literal.append(template.delimiter)
+            continue
+        name = match.group("named") or match.group("braced")
+        if name is None:
+            break
+        pieces.append(("".join(literal), name))
+        literal = []
+    else:
+        pieces.append(("".join(literal) + text[at:], None))
+        cut = tuple(pieces)
+    if len(_PIECES) >= _MAX_PIECES:  # catalogs loaded again and again (a test suite's)
+        _PIECES.clear()
+    _PIECES[id(template)] = (template, cut)
+    return cut
 
 
 _REQUIRED = ("finding", "version", "indicator", "title", "summary", "detail", "sources")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from string import Template
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.cards.catalog import PROJECT_CARDS, CardCatalogError, load_catalog
 
@@ -70,3 +73,32 @@ def test_site_can_reword_a_card(tmp_path: Path) -> None:
         "cards"
     ]
     assert result["summary"].startswith("Local wording:")
+
+
+_TEMPLATE_PIECES = st.lists(
+    st.sampled_from(["$drug", "${drug}", "$$", "$", "${", "$1", "$count", "text ", "é", "\n"])
+    | st.text(max_size=4),
+    max_size=8,
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_TEMPLATE_PIECES)
+def test_a_filled_template_is_what_substitute_makes(text: str) -> None:
+    # fill() cuts each template into pieces once; for any text, what it makes (or refuses) is
+    # what string.Template.substitute makes (or refuses).
+    card = next(iter(load_catalog().values()))
+    template = Template(text)
+    values = {"drug": "rituximab", "count": 4}
+    try:
+        expected: object = template.substitute(values)
+    except (KeyError, ValueError) as exc:
+        expected = type(exc)
+    for _ in range(2):  # the second time from the remembered pieces
+        try:
+            got: object = card.fill(template, values)
+        except CardCatalogError:
+            got = KeyError
+        except ValueError:
+            got = ValueError
+        assert got == expected
