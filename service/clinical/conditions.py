@@ -9,11 +9,11 @@ from datetime import datetime
 from typing import Any
 
 from service.clinical.fhir_values import objects
+from service.clinical.name_screen import folded_for_screen
 from service.clinical.observations import parse_fhir_datetime
 from service.clinical.terminology import (
     ConditionSet,
     concept_named,
-    folded_for_screen,
     named_text,
     normalise_code,
 )

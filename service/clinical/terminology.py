@@ -17,6 +17,15 @@ from importlib import resources
 from typing import Any
 
 from service.clinical.fhir_values import objects
+from service.clinical.name_screen import (
+    NEVER,
+    folded_for_screen,
+    no_name_in_folded,
+    none_named,
+    plain_names,
+    remember_plain,
+    search_names,
+)
 from service.settings import TerminologySettings
 
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
@@ -141,71 +150,6 @@ def named_text(pattern: re.Pattern[str], texts: list[str], folded: str) -> str |
     return None
 
 
-def search_names(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
-    """`pattern.search(text)` for a pattern of names made by _name_pattern, ruling out first,
-    with plain substring tests, the texts in which no name occurs at all (most of a chart: a
-    search of the name alternation costs about ten times as much)."""
-    names = _plain_names(pattern)
-    if names is not None and not _names_in(names, _folded(text)):
-        return None
-    return pattern.search(text)
-
-
-def _none_named(names: tuple[str, ...] | None, texts: list[str]) -> bool:
-    """True when search_names finds no name in any of `texts`, for a pattern whose plain names
-    are `names` (None: not known), told by a single screen of them joined (a name in one of them
-    is in the joined text); False when unsure."""
-    if names is None or not texts:
-        return names is not None
-    return not _names_in(names, folded_for_screen(texts))
-
-
-def folded_for_screen(texts: list[str]) -> str:
-    """Texts joined and folded as a name screen reads them, for no_name_in_folded: texts
-    screened for several value sets are folded once."""
-    return _folded("\n".join(texts))
-
-
-def no_name_in_folded(pattern: re.Pattern[str], folded: str) -> bool:
-    """_none_named for `pattern`, given folded_for_screen(texts)."""
-    names = _plain_names(pattern)
-    return names is not None and not _names_in(names, folded)
-
-
-def _folded(text: str) -> str:
-    return (text if text.isascii() else text.translate(_FOLD_TO_ASCII)).lower()
-
-
-# Texts up to this long have their screen remembered (_names_in), up to this many per list of
-# names: longer texts are rare, and kept they would make the memo large.
-_SCREEN_MEMO_CHARS = 256
-_SCREEN_MEMO_TEXTS = 4096
-# Per list of names (keyed by id(), the tuple kept to make the key safe): folded text -> whether
-# a name is in it. Medication and condition texts come from a small vocabulary that recurs
-# across charts ("apixaban 5 mg oral twice daily"), and a screen is one substring test per name
-# (23 for the drug groups): remembered, a chart's 30 orders are screened in 2 us instead of 35.
-_SCREEN_MEMOS: dict[int, tuple[tuple[str, ...], dict[str, bool]]] = {}
-
-
-def _names_in(names: tuple[str, ...], folded: str) -> bool:
-    if len(folded) > _SCREEN_MEMO_CHARS:
-        return _any_name_in(names, folded)
-    kept = _SCREEN_MEMOS.get(id(names))
-    if kept is None or kept[0] is not names:
-        kept = _SCREEN_MEMOS[id(names)] = (names, {})
-    memo = kept[1]
-    found = memo.get(folded)
-    if found is None:
-        if len(memo) >= _SCREEN_MEMO_TEXTS:
-            memo.clear()
-        found = memo[folded] = _any_name_in(names, folded)
-    return found
-
-
-def _any_name_in(names: tuple[str, ...], folded: str) -> bool:
-    return any(map(folded.__contains__, names))
-
-
 def match_drug(
     concept: Mapping[str, Any] | None, groups: tuple[DrugGroup, ...]
 ) -> tuple[DrugGroup, str] | None:
@@ -240,7 +184,7 @@ def match_drug(
                 how += " (code not verified)"
             return group, how
     strings = [text for text in texts if isinstance(text, str)]
-    if _none_named(any_plain, strings):
+    if none_named(any_plain, strings):
         return None  # most orders on a chart: no name of any group in any of their texts
     for text in strings:
         if not search_names(any_name, text):
@@ -263,12 +207,12 @@ def _screen(groups: tuple[DrugGroup, ...]) -> _Screen:
     cached = _SCREENS.get(id(groups))
     if cached is None or cached[0] is not groups:
         codes = frozenset().union(*(group.codes for group in groups))
-        patterns = [g.name_pattern.pattern for g in groups if g.name_pattern is not _NEVER]
-        names = re.compile("|".join(patterns), re.IGNORECASE) if patterns else _NEVER
-        plain = [_plain_names(g.name_pattern) for g in groups]
-        if names is not _NEVER and None not in plain:
-            _remember_plain(names, (n for group_names in plain for n in group_names or ()))
-        cached = _SCREENS[id(groups)] = (groups, (codes, names, _plain_names(names)))
+        patterns = [g.name_pattern.pattern for g in groups if g.name_pattern is not NEVER]
+        names = re.compile("|".join(patterns), re.IGNORECASE) if patterns else NEVER
+        plain = [plain_names(g.name_pattern) for g in groups]
+        if names is not NEVER and None not in plain:
+            remember_plain(names, (n for group_names in plain for n in group_names or ()))
+        cached = _SCREENS[id(groups)] = (groups, (codes, names, plain_names(names)))
     return cached[1]
 
 
@@ -308,30 +252,12 @@ def _name_pattern(names: Iterable[str], suffixed: Iterable[str] = ()) -> re.Patt
     # listed biosimilars are matched first (see the sort below) so the card names them.
     alternatives += [re.escape(n) + _BIOSIMILAR_SUFFIX for n in suffixed]
     if not alternatives:
-        return _NEVER
+        return NEVER
     pattern = re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
     plain = [n.strip().lower() for n in (*names, *suffixed)]
     if all(name.isascii() for name in plain):
-        _remember_plain(pattern, plain)
+        remember_plain(pattern, plain)
     return pattern
-
-
-def _remember_plain(pattern: re.Pattern[str], names: Iterable[str]) -> None:
-    _PLAIN_NAMES[id(pattern)] = (pattern, _shortest_cover(names))
-
-
-def _plain_names(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
-    known = _PLAIN_NAMES.get(id(pattern))
-    return known[1] if known is not None and known[0] is pattern else None
-
-
-def _shortest_cover(names: Iterable[str]) -> tuple[str, ...]:
-    """The names that hold no other one: a text holding any name holds one of these."""
-    kept: list[str] = []
-    for name in sorted(set(names), key=len):
-        if not any(shorter in name for shorter in kept):
-            kept.append(name)
-    return tuple(kept)
 
 
 def _drug_groups(
@@ -349,22 +275,11 @@ def _drug_groups(
     groups.sort(key=lambda g: g.name == "rituximab")
     extra_codes = _code_set((), extra)
     if extra_codes:
-        groups.append(DrugGroup(extra_name, extra_codes, _NEVER))
+        groups.append(DrugGroup(extra_name, extra_codes, NEVER))
     # A site-configured name is a drug of its own: the card names it as the site wrote it.
     for name in extra_names:
         groups.append(DrugGroup(name.strip(), frozenset(), _name_pattern([name])))
     return tuple(groups)
-
-
-_NEVER = re.compile(r"(?!)")
-
-# For search_names: the names each pattern matches, in lower case, as plain text; only ASCII
-# names, whose case-insensitive matches are known (below). A pattern not here is always searched.
-# Keyed by id() (a pattern's hash is computed anew each time), the pattern kept to make it safe.
-_PLAIN_NAMES: dict[int, tuple[re.Pattern[str], tuple[str, ...]]] = {id(_NEVER): (_NEVER, ())}
-# The characters other than A-Z that a case-insensitive pattern matches to an ASCII letter:
-# dotted and dotless I, long S and the Kelvin sign. Mapped first, so lower() finds every name.
-_FOLD_TO_ASCII = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
 
 
 def _condition_set(

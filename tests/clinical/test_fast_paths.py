@@ -18,6 +18,14 @@ from service.clinical.conditions import (
     is_current,
     recorded_time,
 )
+from service.clinical.name_screen import (
+    _SCREEN_MEMO_CHARS,
+    folded_for_screen,
+    names_in,
+    no_name_in_folded,
+    plain_names,
+    search_names,
+)
 from service.clinical.observations import (
     Reading,
     _parse_any_form,
@@ -26,16 +34,10 @@ from service.clinical.observations import (
 )
 from service.clinical.record import references_patient
 from service.clinical.terminology import (
-    _SCREEN_MEMO_CHARS,
     ConditionSet,
-    _names_in,
-    _plain_names,
     _screen,
     build_terminology,
-    folded_for_screen,
     match_drug,
-    no_name_in_folded,
-    search_names,
 )
 from service.record.gathering import InvalidPrefetch, _check_value
 from service.settings import TerminologySettings
@@ -147,7 +149,7 @@ def test_one_screen_of_joined_texts_never_rules_out_a_name(texts: list[str]) -> 
     screens = [
         _screen(groups)[1] for groups in (_TERMINOLOGY.anti_cd20, _TERMINOLOGY.btk_inhibitors)
     ]
-    assert all(_plain_names(pattern) is not None for pattern in screens)
+    assert all(plain_names(pattern) is not None for pattern in screens)
     for pattern in (*screens, _TERMINOLOGY.wm_conditions.name_pattern):
         if no_name_in_folded(pattern, folded_for_screen(texts)):
             assert not any(search_names(pattern, text) for text in texts)
@@ -161,7 +163,7 @@ def test_a_remembered_screen_answers_as_the_screen(text: str, padding: int) -> N
     names = _screen(_TERMINOLOGY.drug_groups)[2]
     assert names is not None
     expected = any(name in folded for name in names)
-    assert _names_in(names, folded) == _names_in(names, folded) == expected
+    assert names_in(names, folded) == names_in(names, folded) == expected
 
 
 # Site-configured names and codes too, one not ASCII (no plain screen for its class).

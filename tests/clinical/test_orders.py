@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 
+from service.clinical.name_screen import search_names
 from service.clinical.orders import DraftOrderError, find_drug_orders
 from service.clinical.terminology import (
     _name_pattern,
     _shipped,
     build_terminology,
     match_drug,
-    search_names,
 )
 from service.settings import TerminologySettings
 
