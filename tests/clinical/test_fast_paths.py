@@ -28,8 +28,11 @@ from service.clinical.name_screen import (
 )
 from service.clinical.observations import (
     Reading,
+    _known_units,
     _parse_any_form,
     _reading,
+    _resolve_unit,
+    _resolve_unit_of,
     parse_fhir_datetime,
 )
 from service.clinical.record import references_patient
@@ -318,3 +321,14 @@ def test_a_bundle_is_refused_exactly_when_a_result_is_about_another_patient(
         assert about_another and "is about another patient" in refused.problem
     else:
         assert not about_another
+
+
+_UNITS = st.sampled_from(["mg/dL", "MG/DL", " mg/dl ", "g/L", "mg/L", "cP", "mPa.s", "{relative}"])
+
+
+@given(_UNITS | st.just("") | st.text(max_size=6), _UNITS | st.just("") | st.text(max_size=6))
+def test_a_remembered_unit_resolves_as_the_unit(code: str, unit: str) -> None:
+    for kind in ("igm", "viscosity"):
+        known = _known_units(kind)
+        expected = _resolve_unit_of(code, unit, known)
+        assert _resolve_unit(code, unit, known) == _resolve_unit(code, unit, known) == expected
