@@ -5,6 +5,7 @@ Cards of one patient can be linked without the store ever holding who the patien
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import re
@@ -23,7 +24,7 @@ def patient_hash(key: bytes, patient_id: str) -> str:
     """Keyed hash of a patient id: lets cards of one patient be linked without storing who it is."""
     if not key:
         raise ValueError("the patient hash key is empty")
-    return hmac.digest(key, patient_id.encode("utf-8"), "sha256").hex()
+    return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def load_or_create_hash_key(settings: StorageSettings) -> bytes:
