@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from service.cards.markdown import Markdown, _escaped, inline, table
+from service.cards.markdown import Markdown, _escaped, day, inline, table
 from tests.conftest import all_fixture_names, load_fixture, post_hook
 
 CARDS = Path(__file__).resolve().parents[2] / "cards"
@@ -254,3 +254,13 @@ def test_the_builder_escapes_plain_values_but_not_markdown() -> None:
     values = as_markdown({"unit": "> 5 # <b>", "table": Markdown("| a |\n|---|\n| b |")})
     assert values["unit"] == "\\> 5 \\# \\<b\\>"
     assert values["table"] == "| a |\n|---|\n| b |"
+
+
+def test_a_day_is_written_as_an_iso_date() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    assert day(datetime(2026, 1, 5, 23, 59, tzinfo=UTC)) == "2026-01-05"
+    # The day of the datetime as given (results are read into UTC before they get here).
+    assert day(datetime(2026, 1, 5, 1, 0, tzinfo=timezone(timedelta(hours=2)))) == "2026-01-05"
+    assert day(datetime(999, 3, 1, tzinfo=UTC)) == "0999-03-01"  # four digits, as FHIR writes
+    assert day(None) == "no date"
