@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 from service.clinical.fhir_values import field, objects
@@ -216,27 +216,15 @@ def _quantity(resource: Mapping[str, Any]) -> tuple[float, str, str, str] | None
     )
 
 
-# _resolve_unit's answers, per table of known units (keyed by id(); the tables are this
-# module's) and code and unit as sent: a chart's results repeat one or two such pairs.
-_RESOLVED: dict[tuple[int, str, str], tuple[Any, str]] = {}
-_MAX_RESOLVED = 1024
-
-
-def _resolve_unit(code: str, unit: str, known: Mapping[str, Any]) -> tuple[Any, str]:
-    """The known unit's entry for a UCUM code and/or unit string; refuse if they disagree.
+# Cached: a chart's results repeat one or two pairs of code and unit.
+@lru_cache(maxsize=1024)
+def _resolve_unit(code: str, unit: str, kind: str) -> tuple[Any, str]:
+    """The known unit's entry (_known_units) for a UCUM code and/or unit string; refuse if they
+    disagree.
 
     The UCUM code, when present, decides; a unit string is used only when there is no code.
     """
-    key = (id(known), code, unit)
-    resolved = _RESOLVED.get(key)
-    if resolved is None:
-        if len(_RESOLVED) >= _MAX_RESOLVED:
-            _RESOLVED.clear()
-        resolved = _RESOLVED[key] = _resolve_unit_of(code, unit, known)
-    return resolved
-
-
-def _resolve_unit_of(code: str, unit: str, known: Mapping[str, Any]) -> tuple[Any, str]:
+    known = _known_units(kind)
     by_code = known.get(code.lower()) if code else None
     by_unit = known.get(unit.strip().lower()) if unit else None
     if code:
@@ -264,7 +252,6 @@ def classify(
     """
     readings: list[Reading] = []
     unusable: list[Unusable] = []
-    known = _known_units(kind)
     for resource in resources:
         status = resource.get("status")
         if not isinstance(status, str) or status not in USABLE_STATUSES:
@@ -272,8 +259,7 @@ def classify(
         if "dataAbsentReason" in resource:
             continue
         obs_id = str(resource.get("id") or "(no id)")
-        # effective_time's first reading, the one nearly every result has, without its call.
-        when = parse_fhir_datetime(resource.get("effectiveDateTime")) or effective_time(resource)
+        when = effective_time(resource)
         if codes is not None and not concept_matches(resource.get("code"), codes):
             what = "serum IgM" if kind == "igm" else "serum viscosity"
             unusable.append(Unusable(obs_id, when, _code_text(resource), f"not a {what} code"))
@@ -299,7 +285,7 @@ def classify(
             continue
         if kind == "viscosity" and not code and not unit.strip():
             unit = "relative"  # a pure number: viscosity relative to water
-        unit_entry, problem = _resolve_unit(code, unit, known)
+        unit_entry, problem = _resolve_unit(code, unit, kind)
         if unit_entry is None:
             unusable.append(Unusable(obs_id, when, _shown(quantity), problem))
             continue
@@ -319,7 +305,7 @@ def classify(
         )
     # Results at the same instant: the higher-risk one sorts last, so it is the one used as
     # "latest" (decision 5); then by id, so the answer never depends on Bundle order.
-    readings.sort(key=_reading_order)
+    readings.sort(key=lambda r: (r.effective, _risk(r), r.observation_id))
     unusable.sort(key=lambda u: (u.effective or datetime.min.replace(tzinfo=UTC), u.observation_id))
     return readings, unusable
 
@@ -328,12 +314,6 @@ def _shown(quantity: tuple[float, str, str, str]) -> str:
     """A value as the laboratory reported it, with the unit as sent (before any defaulting)."""
     value, code, unit, comparator = quantity
     return f"{comparator}{_number(value)} {unit or code}".strip()
-
-
-def _reading_order(reading: Reading) -> tuple[datetime, float, str]:
-    """Oldest first; at one instant, the lower risk (_risk, written out) first, then by id."""
-    risk = -math.inf if reading.comparator in ("<", "<=") else reading.normalised
-    return reading.effective, risk, reading.observation_id
 
 
 def _risk(reading: Reading) -> float:
@@ -362,7 +342,7 @@ def _reference_high(ranges: Any, kind: str) -> float | None:
         entry, _ = _resolve_unit(
             code if isinstance(code, str) else "",
             unit if isinstance(unit, str) else "",
-            _known_units(kind),
+            kind,
         )
         if entry is None:
             return None
