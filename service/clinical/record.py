@@ -6,7 +6,7 @@ each, and building full models for every Observation would dominate the cost of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,22 +55,35 @@ def references_patient(resource: Resource, patient_id: str) -> bool:
 
     Bundle-local references (urn:uuid:...) and absent subjects cannot be checked and are kept.
     """
+    return patient_test(patient_id)(resource)
+
+
+def patient_test(patient_id: str) -> Callable[[Resource], bool]:
+    """references_patient(resource, patient_id) as a test of one resource, for checking many."""
     # Exactly "Patient/<id>", an id with no "/", is the common case: told without taking the
-    # reference apart, with the answer the parts below give it.
+    # reference apart, with the answer the parts below give it; a subject first, with one
+    # comparison (most of a chart's resources).
     own = f"Patient/{patient_id}" if patient_id and "/" not in patient_id else None
-    for key in ("subject", "patient"):
-        ref = resource.get(key)
-        if not isinstance(ref, dict) or not isinstance(ref.get("reference"), str):
-            continue
-        if ref["reference"] == own:
+
+    def test(resource: Resource) -> bool:
+        subject = resource.get("subject")
+        if own is not None and type(subject) is dict and subject.get("reference") == own:
             return True
-        reference = ref["reference"].split("/_history/")[0].rstrip("/")
-        if reference.startswith(("urn:", "#")):
-            return True
-        parts = reference.split("/")
-        if len(parts) >= 2 and parts[-2] == "Patient":
-            return parts[-1] == patient_id
-    return True
+        for key in ("subject", "patient"):
+            ref = resource.get(key)
+            if not isinstance(ref, dict) or not isinstance(ref.get("reference"), str):
+                continue
+            if ref["reference"] == own:
+                return True
+            reference = ref["reference"].split("/_history/")[0].rstrip("/")
+            if reference.startswith(("urn:", "#")):
+                return True
+            parts = reference.split("/")
+            if len(parts) >= 2 and parts[-2] == "Patient":
+                return parts[-1] == patient_id
+        return True
+
+    return test
 
 
 def build_record(patient_id: str, searches: Mapping[str, Resource | None]) -> PatientRecord:

@@ -17,7 +17,7 @@ from service.clinical.record import (
     RECORD_KEYS,
     PatientRecord,
     build_record,
-    references_patient,
+    patient_test,
 )
 from service.record.definitions import ServiceDefinition, fill_template
 
@@ -81,16 +81,9 @@ def _check_value(key: str, value: Mapping[str, Any], patient_id: str, where: str
                 _check_entry_resource(resource, where, index)
                 resources.append(resource)
     expected = RECORD_KEYS[key][1]
-    # A subject of exactly "Patient/<id>" is this patient's, as references_patient would find
-    # first: told here with one comparison for most of a chart's resources.
-    own = f"Patient/{patient_id}" if patient_id and "/" not in patient_id else None
+    about_patient = patient_test(patient_id)  # made once for the whole Bundle
     for resource in resources:
-        if resource.get("resourceType") != expected:
-            continue
-        subject = resource.get("subject")
-        if own is not None and type(subject) is dict and subject.get("reference") == own:
-            continue
-        if references_patient(resource, patient_id):
+        if resource.get("resourceType") != expected or about_patient(resource):
             continue
         raise InvalidPrefetch(
             where,
