@@ -27,61 +27,57 @@ class CardTemplate:
     version: str
     indicator: str
     title: str
-    summary: Template
-    detail: Template
+    summary: CardText
+    detail: CardText
     sources: tuple[Mapping[str, str], ...]
-    suggestions: Mapping[str, Template] = field(default_factory=dict)
+    suggestions: Mapping[str, CardText] = field(default_factory=dict)
     override_reasons: tuple[Mapping[str, str], ...] = ()
-    fragments: Mapping[str, Template] = field(default_factory=dict)
+    fragments: Mapping[str, CardText] = field(default_factory=dict)
 
-    def fill(self, template: Template, values: Mapping[str, Any]) -> str:
+    def fill(self, template: CardText, values: Mapping[str, Any]) -> str:
         try:
-            pieces = _pieces(template)
-            if pieces is None:
-                return template.substitute(values)  # its error for a malformed placeholder
-            filled = []
-            for literal, name in pieces:
-                filled.append(literal)
-                if name is not None:
-                    filled.append(str(values[name]))
-            return "".join(filled)
+            return template.filled(values)
         except KeyError as exc:
             raise CardCatalogError(f"card {self.finding}: no value for ${exc.args[0]}") from None
 
 
-# Each template's text cut once into (literal, placeholder) pieces: Template.substitute runs its
-# pattern and a Python callback per placeholder on every fill, a few per card. Keyed by id(), the
-# template kept to make the key safe; the templates are the catalog's, loaded once.
-_PIECES: dict[int, tuple[Template, tuple[tuple[str, str | None], ...] | None]] = {}
-_MAX_PIECES = 1024
+class CardText(Template):
+    """A card's text with $placeholders, cut once (as the catalog is loaded) into pieces:
+    Template.substitute runs its pattern and a Python callback per placeholder on every fill,
+    a few per card."""
 
+    def __init__(self, template: str) -> None:
+        super().__init__(template)
+        self._pieces = self._cut()
 
-def _pieces(template: Template) -> tuple[tuple[str, str | None], ...] | None:
-    """`template` as pieces that, each literal followed by its placeholder's value, make what
-    substitute() makes; None if a placeholder is malformed."""
-    known = _PIECES.get(id(template))
-    if known is not None and known[0] is template:
-        return known[1]
-    text, pieces, literal, at = template.template, [], [], 0
-    cut: tuple[tuple[str, str | None], ...] | None = None
-    for match in template.pattern.finditer(text):
-        literal.append(text[at : match.start()])
-        at = match.end()
-        if match.group("escaped") is not None:
-            literal.append(template.delimiter)
-            continue
-        name = match.group("named") or match.group("braced")
-        if name is None:
-            break
-        pieces.append(("".join(literal), name))
-        literal = []
-    else:
+    def filled(self, values: Mapping[str, Any]) -> str:
+        """What substitute(values) makes, or raises."""
+        if self._pieces is None:
+            return self.substitute(values)  # its error for a malformed placeholder
+        filled = []
+        for literal, name in self._pieces:
+            filled.append(literal)
+            if name is not None:
+                filled.append(str(values[name]))
+        return "".join(filled)
+
+    def _cut(self) -> tuple[tuple[str, str | None], ...] | None:
+        """(literal, placeholder) pieces that, each literal followed by its placeholder's value,
+        make what substitute() makes; None if a placeholder is malformed."""
+        text, pieces, literal, at = self.template, [], [], 0
+        for match in self.pattern.finditer(text):
+            literal.append(text[at : match.start()])
+            at = match.end()
+            if match.group("escaped") is not None:
+                literal.append(self.delimiter)
+                continue
+            name = match.group("named") or match.group("braced")
+            if name is None:
+                return None
+            pieces.append(("".join(literal), name))
+            literal = []
         pieces.append(("".join(literal) + text[at:], None))
-        cut = tuple(pieces)
-    if len(_PIECES) >= _MAX_PIECES:  # catalogs loaded again and again (a test suite's)
-        _PIECES.clear()
-    _PIECES[id(template)] = (template, cut)
-    return cut
+        return tuple(pieces)
 
 
 _REQUIRED = ("finding", "version", "indicator", "title", "summary", "detail", "sources")
@@ -126,7 +122,7 @@ def _template(name: str, data: dict[str, Any], sources: Mapping[str, Any]) -> Ca
             raise CardCatalogError(f"{name}: each override reason needs code and display")
     # Any other string key is a fragment the renderer may use (e.g. very_high_note).
     fragments = {
-        key: Template(value)
+        key: CardText(value)
         for key, value in data.items()
         if key not in _KNOWN and isinstance(value, str)
     }
@@ -135,10 +131,10 @@ def _template(name: str, data: dict[str, Any], sources: Mapping[str, Any]) -> Ca
         version=str(data["version"]),
         indicator=data["indicator"],
         title=data["title"],
-        summary=Template(data["summary"].strip()),
-        detail=Template(data["detail"].strip()),
+        summary=CardText(data["summary"].strip()),
+        detail=CardText(data["detail"].strip()),
         sources=tuple(cited),
-        suggestions={k: Template(v) for k, v in data.get("suggestions", {}).items()},
+        suggestions={k: CardText(v) for k, v in data.get("suggestions", {}).items()},
         override_reasons=reasons,
         fragments=fragments,
     )

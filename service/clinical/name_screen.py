@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 
 NEVER = re.compile(r"(?!)")  # a pattern of no names: it never matches
 
@@ -56,34 +57,24 @@ def _folded(text: str) -> str:
     return (text if text.isascii() else text.translate(_FOLD_TO_ASCII)).lower()
 
 
-# Texts up to this long have their screen remembered (names_in), up to this many per list of
-# names: longer texts are rare, and kept they would make the memo large.
+# Texts up to this long have their screen remembered (_remembered_names_in). Medication and
+# condition texts come from a small vocabulary that recurs across charts ("apixaban 5 mg oral
+# twice daily"), and a screen is one substring test per name (23 for the drug groups):
+# remembered, a chart's 30 orders are screened in a few us instead of 35.
 _SCREEN_MEMO_CHARS = 256
-_SCREEN_MEMO_TEXTS = 4096
-# Per list of names (keyed by id(), the tuple kept to make the key safe): folded text -> whether
-# a name is in it. Medication and condition texts come from a small vocabulary that recurs
-# across charts ("apixaban 5 mg oral twice daily"), and a screen is one substring test per name
-# (23 for the drug groups): remembered, a chart's 30 orders are screened in 2 us instead of 35.
-_SCREEN_MEMOS: dict[int, tuple[tuple[str, ...], dict[str, bool]]] = {}
 
 
 def names_in(names: tuple[str, ...], folded: str) -> bool:
     if len(folded) > _SCREEN_MEMO_CHARS:
         return _any_name_in(names, folded)
-    kept = _SCREEN_MEMOS.get(id(names))
-    if kept is None or kept[0] is not names:
-        kept = _SCREEN_MEMOS[id(names)] = (names, {})
-    memo = kept[1]
-    found = memo.get(folded)
-    if found is None:
-        if len(memo) >= _SCREEN_MEMO_TEXTS:
-            memo.clear()
-        found = memo[folded] = _any_name_in(names, folded)
-    return found
+    return _remembered_names_in(names, folded)
 
 
 def _any_name_in(names: tuple[str, ...], folded: str) -> bool:
     return any(map(folded.__contains__, names))
+
+
+_remembered_names_in = lru_cache(maxsize=4096)(_any_name_in)
 
 
 def remember_plain(pattern: re.Pattern[str], names: Iterable[str]) -> None:
