@@ -57,28 +57,42 @@ class _LengthBody(LimitedStream):
     Werkzeug reads a whole body 64 kB at a time into a growing buffer and then copies it out: a
     6.6 MB chart was held twice as it arrived, at the peak of the worker's memory. Here it goes
     into a buffer of its length, which is then the body (a bytearray: every reader of it takes
-    any bytes-like value).
+    any bytes-like value); a body that arrives in one piece is kept as the bytes it came in.
     """
 
     def readall(self) -> bytes:
         remaining = self.limit - self._pos
         if remaining <= 0:
             return super().readall()
+        first = self._read_step(remaining)
+        if len(first) == remaining:
+            # The usual call: the server hands the whole body over in one piece, as bytes. Kept
+            # as they are: no copy, and bytes.translate (the nesting pre-scan) runs about a third
+            # faster on bytes than on a bytearray.
+            self._pos += remaining
+            return first
         body = bytearray(remaining)
-        got = 0
+        body[: len(first)] = first
+        got = len(first)
+        del first  # a large body is then held once, in `body`
         while got < remaining:
-            try:
-                data = self._stream.read(min(remaining - got, _READ_STEP_BYTES))
-            except (OSError, ValueError) as exc:
-                self.on_disconnect(error=exc)  # raises ClientDisconnected
-                raise
-            if not data:
-                self.on_disconnect()  # the client left before sending all it announced
-                raise ClientDisconnected()
+            data = self._read_step(remaining - got)
             body[got : got + len(data)] = data
             got += len(data)
         self._pos += got
         return body  # type: ignore[return-value]
+
+    def _read_step(self, wanted: int) -> bytes:
+        """The next piece of the body, at most `wanted` bytes and at most _READ_STEP_BYTES."""
+        try:
+            data = self._stream.read(min(wanted, _READ_STEP_BYTES))
+        except (OSError, ValueError) as exc:
+            self.on_disconnect(error=exc)  # raises ClientDisconnected
+            raise
+        if not data:
+            self.on_disconnect()  # the client left before sending all it announced
+            raise ClientDisconnected()
+        return data  # type: ignore[no-any-return]
 
 
 class BoundedRequest(Request):
