@@ -64,17 +64,23 @@ class _LengthBody(LimitedStream):
         remaining = self.limit - self._pos
         if remaining <= 0:
             return super().readall()
-        first = self._read_step(remaining)
-        if len(first) == remaining:
-            # The usual call: the server hands the whole body over in one piece, as bytes. Kept
-            # as they are: no copy, and bytes.translate (the nesting pre-scan) runs about a third
-            # faster on bytes than on a bytearray.
-            self._pos += remaining
-            return first
-        body = bytearray(remaining)
-        body[: len(first)] = first
-        got = len(first)
-        del first  # a large body is then held once, in `body`
+        if remaining <= _READ_STEP_BYTES:
+            # Asked for in one read, which the server fills whole: kept as the bytes it returns.
+            # No copy, and bytes.translate (the nesting pre-scan) runs about a third faster on
+            # bytes than on a bytearray.
+            data = self._read_step(remaining)
+            if len(data) == remaining:
+                self._pos += remaining
+                return data
+            body = bytearray(remaining)
+            body[: len(data)] = data
+            got = len(data)
+            del data
+        else:
+            # A larger body comes in pieces: its buffer is made before the first is read (made
+            # after it, the buffer raised the worker's peak for a 6.5 MB chart by 2 MB).
+            body = bytearray(remaining)
+            got = 0
         while got < remaining:
             data = self._read_step(remaining - got)
             body[got : got + len(data)] = data

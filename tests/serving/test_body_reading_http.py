@@ -90,3 +90,34 @@ def test_reading_a_large_body_holds_it_about_once() -> None:
     assert len(data) == size and data.count(b" ") == size
     # Werkzeug's own reading held a growing copy and the final one: at least twice the body.
     assert peak < 1.3 * size, peak / size
+
+
+class _Trickle(io.RawIOBase):
+    """A server's body stream that hands over at most `piece` bytes per read."""
+
+    def __init__(self, data: bytes, piece: int) -> None:
+        self._data, self._piece, self._at = data, piece, 0
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        size = len(self._data) if size is None or size < 0 else size
+        chunk = self._data[self._at : self._at + min(size, self._piece)]
+        self._at += len(chunk)
+        return chunk
+
+
+@pytest.mark.parametrize("size", [1, 125_000, 3 * 1024 * 1024 + 7])
+@pytest.mark.parametrize("piece", [None, 4096])
+def test_a_body_is_read_whole_whether_it_comes_at_once_or_in_pieces(
+    size: int, piece: int | None
+) -> None:
+    sent = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    environ = EnvironBuilder(
+        method="POST", path=HOOK, content_type="application/json", content_length=size
+    ).get_environ()
+    environ["wsgi.input"] = _Trickle(sent, piece or size)
+    environ["wsgi.input_terminated"] = True
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
+    with app.request_context(environ):
+        data = BoundedRequest(environ).get_data(cache=False)
+    assert bytes(data) == sent
