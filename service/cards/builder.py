@@ -100,7 +100,7 @@ class CardBuilder:
         filled = {**self._common, **own}
         # Summary and labels are plain text; detail is Markdown, so plain values are escaped there.
         escaped = {**self._common_markdown, **as_markdown(own)}
-        detail = template.fill(template.detail, escaped) + "\n\n" + self._footer(template)
+        detail = template.fill(template.detail, escaped) + "\n\n" + template.footer
         card: dict[str, Any] = {
             "uuid": self.new_uuid(),
             "summary": shorten(template.fill(template.summary, filled)),
@@ -134,14 +134,3 @@ class CardBuilder:
         if spec.recommended:
             suggestion["isRecommended"] = True
         return suggestion
-
-    @staticmethod
-    def _footer(template: CardTemplate) -> str:
-        lines = ["**Sources**"]
-        for number, source in enumerate(template.sources, start=1):
-            text = source["text"]
-            url = source.get("url")
-            lines.append(f"{number}. {text}" + (f" <{url}>" if url else ""))
-        lines.append("")
-        lines.append(f"_Rule `{template.finding}` v{template.version}._")
-        return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -33,6 +34,17 @@ class CardTemplate:
     suggestions: Mapping[str, CardText] = field(default_factory=dict)
     override_reasons: tuple[Mapping[str, str], ...] = ()
     fragments: Mapping[str, CardText] = field(default_factory=dict)
+
+    @cached_property
+    def footer(self) -> str:
+        """The end of every detail this template makes: its numbered sources and its rule."""
+        lines = ["**Sources**"]
+        for number, source in enumerate(self.sources, start=1):
+            url = source.get("url")
+            lines.append(f"{number}. {source['text']}" + (f" <{url}>" if url else ""))
+        lines.append("")
+        lines.append(f"_Rule `{self.finding}` v{self.version}._")
+        return "\n".join(lines)
 
     def fill(self, template: CardText, values: Mapping[str, Any]) -> str:
         try:

@@ -14,6 +14,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 LABEL = "IgM timeline"
+# One encoder for every card: json.dumps with separators builds a new one on each call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class TimelineTarget:
                 "url": f"{self.base_url}/app/timeline?{query}",
                 "type": "absolute",
             }
-        context = json.dumps({"finding": finding, "card": card_uuid}, separators=(",", ":"))
+        context = _COMPACT_JSON.encode({"finding": finding, "card": card_uuid})
         return {
             "label": LABEL,
             "url": f"{self.base_url}/app/launch",

@@ -139,19 +139,21 @@ def gather_record(
             _check_patient(prefetch.get(key), patient_id)
         if key not in RECORD_KEYS:
             continue  # `patient`: asked for, but no rule depends on it
-        query = fill_template(template, context)
         value = prefetch.get(key, ...)
+        # The query is filled in only for a key that must be fetched (most calls: none).
         if value is None:
             searches[key] = None
         elif value is ...:
-            to_fetch[key], lacking[key] = query, "not in prefetch"
+            to_fetch[key], lacking[key] = fill_template(template, context), "not in prefetch"
         elif _needs_fetch(value):
-            to_fetch[key], lacking[key] = query, "prefetch query failed (OperationOutcome)"
+            to_fetch[key] = fill_template(template, context)
+            lacking[key] = "prefetch query failed (OperationOutcome)"
         elif isinstance(value, dict):
             _check_value(key, value, patient_id, f"prefetch.{key}")
             if _has_next_page(value):
                 # Only part of the result came: fetch it whole rather than judge on a page.
-                to_fetch[key], lacking[key] = query, "prefetch holds only one page"
+                to_fetch[key] = fill_template(template, context)
+                lacking[key] = "prefetch holds only one page"
             else:
                 searches[key] = value
         else:
