@@ -349,6 +349,9 @@ def test_patient_hash_is_hmac_sha256_and_depends_on_the_key() -> None:
     digest = patient_hash(KEY, "Patient/123")
     assert digest == hmac.new(KEY, b"Patient/123", hashlib.sha256).hexdigest()
     assert digest != patient_hash(b"x" * 32, "Patient/123")
+    # The keyed HMAC set up once is copied for each id: no id leaves anything in it.
+    assert patient_hash(KEY, "456") == hmac.new(KEY, b"456", hashlib.sha256).hexdigest()
+    assert patient_hash(KEY, "Patient/123") == digest
     with pytest.raises(ValueError):
         patient_hash(b"", "Patient/123")
 
