@@ -140,24 +140,25 @@ def gather_record(
         if key not in RECORD_KEYS:
             continue  # `patient`: asked for, but no rule depends on it
         value = prefetch.get(key, ...)
-        # The query is filled in only for a key that must be fetched (most calls: none).
+        fetch_because = ""
         if value is None:
             searches[key] = None
         elif value is ...:
-            to_fetch[key], lacking[key] = fill_template(template, context), "not in prefetch"
+            fetch_because = "not in prefetch"
         elif _needs_fetch(value):
-            to_fetch[key] = fill_template(template, context)
-            lacking[key] = "prefetch query failed (OperationOutcome)"
+            fetch_because = "prefetch query failed (OperationOutcome)"
         elif isinstance(value, dict):
             _check_value(key, value, patient_id, f"prefetch.{key}")
             if _has_next_page(value):
                 # Only part of the result came: fetch it whole rather than judge on a page.
-                to_fetch[key] = fill_template(template, context)
-                lacking[key] = "prefetch holds only one page"
+                fetch_because = "prefetch holds only one page"
             else:
                 searches[key] = value
         else:
             raise InvalidPrefetch(f"prefetch.{key}", "must be a FHIR resource or null")
+        if fetch_because:
+            # The query is filled in only for a key that must be fetched (most calls: none).
+            to_fetch[key], lacking[key] = fill_template(template, context), fetch_because
     if to_fetch:
         searches.update(_fetch(body, to_fetch, lacking, patient_id, fetcher_factory))
     return build_record(patient_id, searches)
