@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 
 from flask import Flask, Response, g, request
 
 from service.api.bodies import BoundedRequest
 from service.api.errors import ApiError
+from service.unique_ids import uuid4_hex
 
 log = logging.getLogger("flare_cds.http")
 
@@ -197,7 +197,7 @@ def install(app: Flask) -> None:
         g.started = time.perf_counter()
         incoming = request.headers.get("X-Request-Id", "")
         g.request_id = (
-            incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else (uuid.uuid4().hex)
+            incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid4_hex()
         )
         g.log_fields = {}
         if request.method == "OPTIONS":

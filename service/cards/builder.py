@@ -6,7 +6,6 @@ reported, unit, mg/dL, date, resource id), and records the rule version that pro
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from service.cards.catalog import CardTemplate
 from service.cards.markdown import Markdown, inline
 from service.settings import CardSettings, RulesSettings
+from service.unique_ids import uuid4_str
 
 SUMMARY_LIMIT = 139  # the spec: "<140 characters"
 OVERRIDE_SYSTEM = "urn:flare-cds:override-reason"
@@ -53,7 +53,7 @@ class CardBuilder:
         catalog: Mapping[str, CardTemplate],
         cards: CardSettings,
         rules: RulesSettings,
-        new_uuid: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_uuid: Callable[[], str] = uuid4_str,
     ) -> None:
         self.catalog = catalog
         self.cards = cards
