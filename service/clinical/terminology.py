@@ -150,6 +150,10 @@ def named_text(pattern: re.Pattern[str], texts: list[str], folded: str) -> str |
     return None
 
 
+# How many answers match_drug keeps per tuple of groups; emptied when full.
+_MATCH_MEMO_SIZE = 4096
+
+
 def match_drug(
     concept: Mapping[str, Any] | None, groups: tuple[DrugGroup, ...]
 ) -> tuple[DrugGroup, str] | None:
@@ -158,10 +162,41 @@ def match_drug(
     Codes win over names; names are looked for only when no coding matches, in `text` and in
     each coding's `display`, as whole words so that e.g. "rituximab-abbs" is told apart. Within
     a group a verified code is named before an unverified one, which is marked as such.
+
+    Answers are remembered by what is read of the concept (its text, each coding's system, code
+    and display): a chart names the same medications on order after order, and order-select
+    sends the chart again each time an order is selected.
     """
     if not isinstance(concept, dict):
         return None
-    any_code, any_name, any_plain = _screen(groups)
+    codings = concept.get("coding")
+    key = (
+        concept.get("text"),
+        tuple(
+            (c.get("system"), c.get("code"), c.get("display"))
+            for c in codings
+            if isinstance(c, dict)
+        )
+        if isinstance(codings, list)
+        else (),
+    )
+    memo = _screen(groups)[3]
+    try:
+        return memo[key]
+    except KeyError:
+        pass
+    except TypeError:  # a value that cannot be a key (an object as display): not remembered
+        return _match_drug(concept, groups)
+    if len(memo) >= _MATCH_MEMO_SIZE:
+        memo.clear()
+    found = memo[key] = _match_drug(concept, groups)
+    return found
+
+
+def _match_drug(
+    concept: Mapping[str, Any], groups: tuple[DrugGroup, ...]
+) -> tuple[DrugGroup, str] | None:
+    any_code, any_name, any_plain, _ = _screen(groups)
     # One pass over the codings (as codings_of and objects() would read them): their pairs for
     # the codes, their displays for the names.
     pairs: list[tuple[str, str]] = []
@@ -197,9 +232,14 @@ def match_drug(
 
 # Per tuple of groups: every code of any group, and one pattern for every name of any group
 # (with its plain names, see search_names). Most medications on a chart are none of these
-# drugs; one set lookup and one name screen tell so, instead of one of each per group. Keyed by
-# id(), the tuple kept to make the key safe.
-_Screen = tuple[frozenset[tuple[str, str]], re.Pattern[str], tuple[str, ...] | None]
+# drugs; one set lookup and one name screen tell so, instead of one of each per group. Then
+# match_drug's answers for the groups. Keyed by id(), the tuple kept to make the key safe.
+_Screen = tuple[
+    frozenset[tuple[str, str]],
+    re.Pattern[str],
+    tuple[str, ...] | None,
+    dict[Any, tuple[DrugGroup, str] | None],
+]
 _SCREENS: dict[int, tuple[tuple[DrugGroup, ...], _Screen]] = {}
 
 
@@ -212,7 +252,7 @@ def _screen(groups: tuple[DrugGroup, ...]) -> _Screen:
         plain = [plain_names(g.name_pattern) for g in groups]
         if names is not NEVER and None not in plain:
             remember_plain(names, (n for group_names in plain for n in group_names or ()))
-        cached = _SCREENS[id(groups)] = (groups, (codes, names, plain_names(names)))
+        cached = _SCREENS[id(groups)] = (groups, (codes, names, plain_names(names), {}))
     return cached[1]
 
 

@@ -36,6 +36,7 @@ from service.clinical.observations import (
 from service.clinical.record import references_patient
 from service.clinical.terminology import (
     ConditionSet,
+    _match_drug,
     _screen,
     build_terminology,
     match_drug,
@@ -202,6 +203,28 @@ def test_a_drug_of_either_class_is_found_by_the_screen_for_both(concept: dict[st
             match_drug(concept, terminology.btk_inhibitors),
         ]
         assert either == any(found is not None for found in by_class)
+
+
+_CONCEPT = st.fixed_dictionaries(
+    {},
+    optional={
+        "coding": st.lists(_DRUG_CODING | st.integers(), max_size=2) | st.just({"code": "121191"}),
+        "text": st.lists(_WORDS | st.just("rituximab"), max_size=3).map(" ".join)
+        | st.integers()
+        | st.just(["rituximab"]),
+    },
+)
+
+
+@given(st.lists(_CONCEPT, min_size=1, max_size=6))
+def test_a_remembered_drug_match_answers_as_matching_anew(concepts: list[dict[str, Any]]) -> None:
+    # Concepts that read alike share an answer, those that do not never do, whatever came
+    # before; twice over, the second time from the memo.
+    for terminology in (_TERMINOLOGY, _SITE_TERMINOLOGY):
+        for groups in (terminology.anti_cd20, terminology.btk_inhibitors, terminology.drug_groups):
+            for _ in range(2):
+                for concept in concepts:
+                    assert match_drug(concept, groups) == _match_drug(concept, groups)
 
 
 def _matching_one_by_one(
