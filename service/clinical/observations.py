@@ -74,6 +74,7 @@ def parse_fhir_datetime(value: Any) -> datetime | None:
 
 
 _from_iso = datetime.fromisoformat
+_new_reading = object.__new__
 
 
 def _parse_any_form(value: Any) -> datetime | None:
@@ -148,34 +149,6 @@ class Reading:
         if self.comparator in ("<", "<="):
             return False
         return self.normalised >= threshold
-
-
-def _reading(
-    observation_id: str,
-    effective: datetime,
-    value: float,
-    unit: str,
-    comparator: str,
-    status: str,
-    normalised: float,
-    reference_ranges: Any,
-    kind: str,
-) -> Reading:
-    """Reading(...), made for each of a chart's results: a frozen dataclass's __init__ sets each
-    field through object.__setattr__, which costs about three times as much as this."""
-    reading = object.__new__(Reading)
-    reading.__dict__.update(
-        observation_id=observation_id,
-        effective=effective,
-        value=value,
-        unit=unit,
-        comparator=comparator,
-        status=status,
-        normalised=normalised,
-        reference_ranges=reference_ranges,
-        kind=kind,
-    )
-    return reading
 
 
 @dataclass(frozen=True)
@@ -289,23 +262,25 @@ def classify(
         if unit_entry is None:
             unusable.append(Unusable(obs_id, when, _shown(quantity), problem))
             continue
-        normalised = value * unit_entry if kind == "igm" else value
-        readings.append(
-            _reading(
-                obs_id,
-                when,
-                value,
-                unit or code,
-                comparator,
-                resource["status"],
-                normalised,
-                resource.get("referenceRange"),
-                kind,
-            )
+        # Reading(...) made directly: this runs for every result on the chart, and a frozen
+        # dataclass's __init__ sets each field through object.__setattr__, about three times
+        # the cost.
+        reading = _new_reading(Reading)
+        reading.__dict__.update(
+            observation_id=obs_id,
+            effective=when,
+            value=value,
+            unit=unit or code,
+            comparator=comparator,
+            status=status,
+            normalised=value * unit_entry if kind == "igm" else value,
+            reference_ranges=resource.get("referenceRange"),
+            kind=kind,
         )
+        readings.append(reading)
     # Results at the same instant: the higher-risk one sorts last, so it is the one used as
     # "latest" (decision 5); then by id, so the answer never depends on Bundle order.
-    readings.sort(key=lambda r: (r.effective, _risk(r), r.observation_id))
+    readings.sort(key=_reading_order)
     unusable.sort(key=lambda u: (u.effective or datetime.min.replace(tzinfo=UTC), u.observation_id))
     return readings, unusable
 
@@ -319,6 +294,15 @@ def _shown(quantity: tuple[float, str, str, str]) -> str:
 def _risk(reading: Reading) -> float:
     # An upper bound ("<4000") is lower risk than any value it allows.
     return -math.inf if reading.comparator in ("<", "<=") else reading.normalised
+
+
+def _reading_order(reading: Reading) -> tuple[datetime, float, str]:
+    """classify's order: by time, then risk (_risk, inlined), then id."""
+    return (
+        reading.effective,
+        -math.inf if reading.comparator in ("<", "<=") else reading.normalised,
+        reading.observation_id,
+    )
 
 
 def _known_units(kind: str) -> Mapping[str, Any]:

@@ -29,8 +29,8 @@ from service.clinical.name_screen import (
 from service.clinical.observations import (
     Reading,
     _parse_any_form,
-    _reading,
     _resolve_unit,
+    classify,
     parse_fhir_datetime,
 )
 from service.clinical.record import references_patient
@@ -132,7 +132,16 @@ def test_any_text_reads_as_every_form_is_read(text: str) -> None:
 
 def test_a_reading_made_quickly_is_the_reading() -> None:
     values = ("o1", datetime(2026, 11, 15, tzinfo=UTC), 4.5, "g/L", ">", "final", 450.0, [], "igm")
-    quick, plain = _reading(*values), Reading(*values)
+    observation = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "effectiveDateTime": "2026-11-15",
+        "valueQuantity": {"value": 4.5, "comparator": ">", "unit": "g/L"},
+        "referenceRange": [],
+    }
+    (quick,), _ = classify([observation], "igm")
+    plain = Reading(*values)
     assert quick == plain and vars(quick) == vars(plain)
     assert list(vars(quick)) == [f.name for f in dataclasses.fields(Reading)]
     assert quick.reference_high == plain.reference_high
