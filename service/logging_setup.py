@@ -39,6 +39,11 @@ def configure_logging(level: str) -> None:
         handler._flare_cds = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level.upper())
+    # The thread and multiprocessing names a record looks up are never written (only the fields
+    # passed explicitly are), and under gevent finding the current thread is a greenlet lookup
+    # for every line; the process id stays, for gunicorn's own log lines.
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     # Werkzeug's access log repeats the request line; ours carries the request id instead.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     # Its debug and warning lines may name a FHIR query, and a query names the patient.
