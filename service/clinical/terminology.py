@@ -150,8 +150,11 @@ def named_text(pattern: re.Pattern[str], texts: list[str], folded: str) -> str |
     return None
 
 
-# How many answers match_drug keeps per tuple of groups; emptied when full.
-_MATCH_MEMO_SIZE = 4096
+# How many answers match_drug keeps per tuple of groups (emptied when full), and for which
+# concepts: a memo must not keep whatever long text a client sends (at most about 2 MB here).
+_MATCH_MEMO_SIZE = 1024
+_MEMO_CODINGS = 4
+_MEMO_CHARS = 160
 
 
 def match_drug(
@@ -169,17 +172,9 @@ def match_drug(
     """
     if not isinstance(concept, dict):
         return None
-    codings = concept.get("coding")
-    key = (
-        concept.get("text"),
-        tuple(
-            (c.get("system"), c.get("code"), c.get("display"))
-            for c in codings
-            if isinstance(c, dict)
-        )
-        if isinstance(codings, list)
-        else (),
-    )
+    key = _memo_key(concept)
+    if key is None:
+        return _match_drug(concept, groups)
     memo = _screen(groups)[3]
     try:
         return memo[key]
@@ -191,6 +186,24 @@ def match_drug(
         memo.clear()
     found = memo[key] = _match_drug(concept, groups)
     return found
+
+
+def _memo_key(concept: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """All that match_drug reads of `concept`, or None if it is too long to remember."""
+    text = concept.get("text")
+    codings = concept.get("coding")
+    if not isinstance(codings, list):
+        codings = ()
+    elif len(codings) > _MEMO_CODINGS:
+        return None
+    key = [text]
+    for coding in codings:
+        if isinstance(coding, dict):  # match_drug skips any other
+            key += (coding.get("system"), coding.get("code"), coding.get("display"))
+    for value in key:
+        if isinstance(value, str) and len(value) > _MEMO_CHARS:
+            return None
+    return tuple(key)
 
 
 def _match_drug(

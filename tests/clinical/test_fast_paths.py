@@ -35,6 +35,7 @@ from service.clinical.observations import (
 )
 from service.clinical.record import references_patient
 from service.clinical.terminology import (
+    _MATCH_MEMO_SIZE,
     ConditionSet,
     _match_drug,
     _screen,
@@ -234,6 +235,19 @@ def test_a_remembered_drug_match_answers_as_matching_anew(concepts: list[dict[st
             for _ in range(2):
                 for concept in concepts:
                     assert match_drug(concept, groups) == _match_drug(concept, groups)
+
+
+def test_the_drug_memo_keeps_no_long_text_and_stays_bounded() -> None:
+    groups = _TERMINOLOGY.anti_cd20
+    memo = _screen(groups)[3]
+    long_text = "rituximab " + "x" * 100_000
+    before = len(memo)
+    assert match_drug({"text": long_text}, groups) == _match_drug({"text": long_text}, groups)
+    assert len(memo) == before  # answered, not remembered
+    for n in range(_MATCH_MEMO_SIZE + 10):
+        match_drug({"text": f"drug {n}"}, groups)
+        assert len(memo) <= _MATCH_MEMO_SIZE
+    assert match_drug({"text": "rituximab"}, groups) is not None
 
 
 def _matching_one_by_one(
