@@ -291,13 +291,9 @@ def _shown(quantity: tuple[float, str, str, str]) -> str:
     return f"{comparator}{_number(value)} {unit or code}".strip()
 
 
-def _risk(reading: Reading) -> float:
-    # An upper bound ("<4000") is lower risk than any value it allows.
-    return -math.inf if reading.comparator in ("<", "<=") else reading.normalised
-
-
 def _reading_order(reading: Reading) -> tuple[datetime, float, str]:
-    """classify's order: by time, then risk (_risk, inlined), then id."""
+    """classify's order: by time, then risk, then id. An upper bound ("<4000") is lower risk
+    than any value it allows."""
     return (
         reading.effective,
         -math.inf if reading.comparator in ("<", "<=") else reading.normalised,

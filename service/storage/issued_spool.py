@@ -56,14 +56,11 @@ BATCH = 500
 SPOOL_GLOB = "issued-*.jsonl"
 
 Count = Callable[[str, int], None]  # (stored | spooled | recovered | lost, number of cards)
-_FIELDS = tuple(IssuedCard.__dataclass_fields__)
 
 
 def encode(cards: Sequence[IssuedCard]) -> bytes:
     """One JSON line per card, each ending in a newline."""
-    return b"".join(
-        orjson.dumps({name: getattr(card, name) for name in _FIELDS}) + b"\n" for card in cards
-    )
+    return b"".join(orjson.dumps(card.by_name()) + b"\n" for card in cards)
 
 
 def decode(data: bytes) -> list[IssuedCard]:
