@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import json
 import re
-from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -71,11 +70,14 @@ _MANTISSA_BYTES = 48
 _MAX_EXPONENTS_CHECKED = 10_000
 
 
-_FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
-# A prefetch object whose values are objects (Bundles, a Patient) or null, its values' fields as
-# raw JSON: one pass over the bytes for the two _object_of takes.
-_PREFETCH = msgspec.json.Decoder(dict[str, dict[str, msgspec.Raw] | None])
+_Scalar = str | int | float | bool | None
+# The body in one pass over its bytes, down to the objects at its third level (a prefetch value:
+# a Bundle, a Patient), whose arrays (a Bundle's entries) are left as their items' raw JSON, to
+# be read one at a time. Any other value is decoded as _MSGSPEC decodes it: each union below
+# takes every JSON value, so only a body that is not an object fails the type.
+_THIRD_LEVEL = dict[str, list[msgspec.Raw] | _Scalar | dict]
+_SECOND_LEVEL = dict[str, _THIRD_LEVEL | _Scalar | list]
+_BODY = msgspec.json.Decoder(dict[str, _SECOND_LEVEL | _Scalar | list])
 
 
 def loads(data: bytes | str, prune: frozenset[str] = frozenset()) -> Any:
@@ -110,27 +112,12 @@ def _decode_shared(raw: Any) -> Any:
     return pydantic_core.from_json(bytes(raw), cache_strings="all", allow_inf_nan=False)
 
 
-def _object_of(raw: Any, value_of: Callable[[str, Any], Any]) -> Any:
-    """`raw` as a JSON object whose values `value_of(key, raw value)` decodes; any other JSON
-    value decoded as it is."""
-    try:
-        fields = _FIELDS.decode(raw)
-    except msgspec.ValidationError:
-        return _MSGSPEC.decode(raw)
-    return {key: value_of(key, value) for key, value in fields.items()}
-
-
-def _array_of(raw: Any, item_of: Callable[[Any], Any]) -> Any:
-    """`raw` as a JSON array whose items `item_of(raw item)` decodes; any other JSON value
-    decoded as it is."""
-    try:
-        items = _ITEMS.decode(raw)
-    except msgspec.ValidationError:
-        return _MSGSPEC.decode(raw)
-    return [item_of(item) for item in items]
-
-
 def _pruned_request(data: bytes, prune: frozenset[str]) -> Any:
+    try:
+        body = _BODY.decode(data)
+    except msgspec.ValidationError:  # not an object
+        return _MSGSPEC.decode(data)
+
     def entry(raw: Any) -> Any:  # one entry's full objects at a time
         value = _decode_shared(raw)
         resource = value.get("resource") if isinstance(value, dict) else None
@@ -140,22 +127,19 @@ def _pruned_request(data: bytes, prune: frozenset[str]) -> Any:
             value["resource"] = {k: v for k, v in resource.items() if k not in prune}
         return value
 
-    def bundle_field(key: str, raw: Any) -> Any:
-        return _array_of(raw, entry) if key == "entry" else _MSGSPEC.decode(raw)
-
-    def body_field(key: str, raw: Any) -> Any:
-        if key != "prefetch":
-            return _MSGSPEC.decode(raw)
-        try:
-            values = _PREFETCH.decode(raw)
-        except msgspec.ValidationError:  # not an object, or a value neither object nor null
-            return _object_of(raw, lambda _, value: _object_of(value, bundle_field))
-        return {
-            name: None if fields is None else {k: bundle_field(k, v) for k, v in fields.items()}
-            for name, fields in values.items()
-        }
-
-    return _object_of(data, body_field)
+    for key, second in body.items():
+        if type(second) is not dict:
+            continue
+        for third in second.values():
+            if type(third) is not dict:
+                continue
+            for name, items in third.items():
+                if type(items) is list:  # raw items (_BODY)
+                    if key == "prefetch" and name == "entry":
+                        third[name] = [entry(item) for item in items]
+                    else:
+                        third[name] = [_MSGSPEC.decode(item) for item in items]
+    return body
 
 
 def _release_freed_heap() -> None:

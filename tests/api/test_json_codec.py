@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.api import json_codec
 from tests.conftest import load_fixture
@@ -174,6 +176,45 @@ def test_a_large_request_of_any_shape_reads_as_orjson_reads_it(odd: dict[str, An
     assert len(raw) >= LARGE
     assert json_codec.loads(raw, UNREAD) == orjson.loads(raw)
     assert json_codec.loads(orjson.dumps([1, 2]), UNREAD) == [1, 2]
+
+
+def _pruned_as_the_lean_reading_prunes(value: Any) -> Any:
+    """orjson's value less UNREAD in each resource of an entry of a prefetch value's `entry`
+    array, for a body of any shape."""
+    prefetch = value.get("prefetch") if isinstance(value, dict) else None
+    for bundle in prefetch.values() if isinstance(prefetch, dict) else ():
+        entries = bundle.get("entry") if isinstance(bundle, dict) else None
+        for entry in entries if isinstance(entries, list) else ():
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict):
+                entry["resource"] = {k: v for k, v in resource.items() if k not in UNREAD}
+    return value
+
+
+_KEYS = st.sampled_from(["prefetch", "context", "entry", "resource", "category", "id"]) | st.text(
+    max_size=4
+)
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=24,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=st.dictionaries(_KEYS, _JSON, max_size=4))
+def test_a_large_body_of_any_shape_reads_as_orjson_reads_it_less_the_unread_fields(
+    body: dict[str, Any],
+) -> None:
+    raw = orjson.dumps({**body, "padding": "x" * LARGE})
+    assert len(raw) >= LARGE
+    expected = _pruned_as_the_lean_reading_prunes(orjson.loads(raw))
+    assert json_codec.loads(raw, UNREAD) == expected
+    assert json_codec.loads(raw) == orjson.loads(raw)
 
 
 def test_a_broken_field_that_would_be_dropped_is_still_orjsons_error() -> None:
