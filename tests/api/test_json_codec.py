@@ -298,3 +298,36 @@ def test_a_large_body_with_an_overflowing_number_is_refused_as_orjson_refuses_it
     with pytest.raises(json_codec.JSONDecodeError) as got:
         json_codec.loads(raw, UNREAD)
     assert str(got.value) == str(expected.value)
+
+
+def _numbers_read_whole(data: bytes) -> bool:
+    """_orjson_numbers' answer from the marks of the whole text at once: the oracle for the
+    slices."""
+    marks = data.translate(json_codec._NUMBER_MARKS)
+    if json_codec._LONG_DIGIT_RUN in marks:
+        return True
+    for checked, exponent in enumerate(json_codec._LARGE_EXPONENT.finditer(marks)):
+        end = exponent.start() + 1
+        if checked == json_codec._MAX_EXPONENTS_CHECKED or json_codec._MANTISSA.search(
+            marks, max(0, end - json_codec._MANTISSA_BYTES), end
+        ):
+            return True
+    return False
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    text=st.lists(
+        st.sampled_from([b"0", b"7", b"e", b"E", b"+", b"-", b".", b":", b",", b"[", b" ", b"x"])
+        | st.sampled_from([b"1" * 19, b"e400", b":1e", b'"id":"3e344"']),
+        max_size=120,
+    ).map(b"".join),
+    slice_bytes=st.sampled_from([1, 2, 5, 6, 17, 64, 1000]),
+)
+def test_numbers_are_found_across_the_slices_of_the_check(text: bytes, slice_bytes: int) -> None:
+    shipped = json_codec._NUMBERS_SLICE_BYTES
+    json_codec._NUMBERS_SLICE_BYTES = slice_bytes
+    try:
+        assert json_codec._orjson_numbers(text) is _numbers_read_whole(text)
+    finally:
+        json_codec._NUMBERS_SLICE_BYTES = shipped
