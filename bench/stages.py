@@ -205,7 +205,16 @@ def run_stages(workloads: Sequence[Workload], calls: int) -> list[dict[str, Any]
         finally:
             for handler in quieted:
                 handler.setStream(sys.stderr)
+            _settle(client)
     return rows
+
+
+def _settle(client: Any) -> None:
+    """Write the issued-card records still spooled and close the store, so that the spool's
+    background writer is not at work in the folder as it is removed."""
+    runtime = client.application.extensions["flare_cds"]
+    runtime.issued_recorder().drain()
+    runtime.store().close()
 
 
 def stages_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
