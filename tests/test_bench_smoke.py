@@ -153,3 +153,38 @@ def test_a_level_measured_in_rounds_shows_its_median_round_and_counts_every_roun
         2.0,
         "all points, service + baseline",
     )
+
+
+def test_growth_compares_the_median_cpu_of_each_sizes_rounds() -> None:
+    from bench.growth import growth_rows, growth_targets
+    from bench.runner import _round_summary
+
+    def result(igm: int, resources: int, cpu_by_round: list[float], shown: int) -> dict[str, Any]:
+        rounds = [_measured(1000 / cpu, 100) for cpu in cpu_by_round]
+        return {
+            "name": f"growth-igm-{igm}",
+            "record": {"igm": resources},
+            "body_bytes": 1024,
+            "memory": {"peak_rss_mb": 70.0},
+            "points": [
+                {
+                    "connections": 1,
+                    "service": {**rounds[shown]["service"], "latency_ms": {"p50": 1.0}},
+                    "baseline": rounds[shown]["baseline"],
+                    "rounds": [_round_summary(r) for r in rounds],
+                }
+            ],
+        }
+
+    # The round shown at 6,000 results is the slowest; the median of the three is compared.
+    rows = growth_rows(
+        [result(60, 100, [4.0, 3.8, 3.6], 1), result(6000, 6000, [210, 235, 212], 1)]
+    )
+    assert [row["cpu_ms"] for row in rows] == pytest.approx([3.8, 212])
+    linear, memory = growth_targets(rows)
+    assert linear["value"] == pytest.approx(212 / 3.8, abs=1e-3) and linear["passed"]
+    assert memory["target"].startswith("peak RSS") and memory["passed"]
+    # A point measured once has no rounds: its own figure.
+    once = result(60, 100, [4.0], 0)
+    once["points"][0].pop("rounds")
+    assert growth_rows([once])[0]["cpu_ms"] == pytest.approx(4.0)
