@@ -11,15 +11,15 @@ floats, msgspec exactly) go to orjson, and so does any body msgspec refuses, so 
 is orjson's, with its line and column.
 
 A large hook request is also read lean: each entry of a prefetch value's `entry` list (a
-Bundle's resources) is decoded on its own, its resource kept without the fields the caller
-names as never read (`prune`). Entries are decoded by pydantic-core's JSON reader with its
-string cache on: a chart repeats the same systems, codes, units and statuses in every resource,
-and the cache makes each of those one string object as it reads, where a walk over the decoded
-values in Python had taken as long as the decoding itself (6,000 results: 60 against 87 ms, and
-16 against 17 MB kept). It reads JSON as msgspec does but for one case: a number too large for
-a double is infinity there and an error for the others, so a body with an exponent of three
-digits goes to orjson, as do those with long integers. The memory the C heap freed while the
-body was read is handed back first.
+Bundle's resources) is decoded on its own, kept without the entry fields the caller names as
+never read (`prune_entries`), its resource without those named in `prune`. Entries are decoded
+by pydantic-core's JSON reader with its string cache on: a chart repeats the same systems,
+codes, units and statuses in every resource, and the cache makes each of those one string object
+as it reads, where a walk over the decoded values in Python had taken as long as the decoding
+itself (6,000 results: 60 against 87 ms, and 16 against 17 MB kept). It reads JSON as msgspec
+does but for one case: a number too large for a double is infinity there and an error for the
+others, so a body with an exponent of three digits goes to orjson, as do those with long
+integers. The memory the C heap freed while the body was read is handed back first.
 """
 
 from __future__ import annotations
@@ -85,14 +85,20 @@ _SECOND_LEVEL = dict[str, _THIRD_LEVEL | _Scalar | list]
 _BODY = msgspec.json.Decoder(dict[str, _SECOND_LEVEL | _Scalar | list])
 
 
-def loads(data: bytes | str, prune: frozenset[str] = frozenset()) -> Any:
+def loads(
+    data: bytes | str,
+    prune: frozenset[str] = frozenset(),
+    prune_entries: frozenset[str] = frozenset(),
+) -> Any:
     """The JSON value of `data`; from LARGE_BODY_BYTES on, the fields in `prune` are left out of
     every resource in the Bundles under the body's "prefetch" (see the module's docstring)."""
     if isinstance(data, str) or len(data) < LARGE_BODY_BYTES or _orjson_numbers(data):
         return orjson.loads(data)
     _release_freed_heap()
     try:
-        return _pruned_request(data, prune) if prune else _MSGSPEC.decode(data)
+        if not prune and not prune_entries:
+            return _MSGSPEC.decode(data)
+        return _pruned_request(data, prune, prune_entries)
     except (ValueError, RecursionError):  # decoders' errors are ValueErrors
         return orjson.loads(data)  # its error, or its reading where the others are stricter
 
@@ -132,7 +138,7 @@ def _decode_shared(raw: Any) -> Any:
     return pydantic_core.from_json(bytes(raw), cache_strings="all", allow_inf_nan=False)
 
 
-def _pruned_request(data: bytes, prune: frozenset[str]) -> Any:
+def _pruned_request(data: bytes, prune: frozenset[str], prune_entries: frozenset[str]) -> Any:
     try:
         body = _BODY.decode(data)
     except msgspec.ValidationError:  # not an object
@@ -140,7 +146,12 @@ def _pruned_request(data: bytes, prune: frozenset[str]) -> Any:
 
     def entry(raw: Any) -> Any:  # one entry's full objects at a time
         value = _decode_shared(raw)
-        resource = value.get("resource") if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            return value
+        if not prune_entries.isdisjoint(value):
+            for name in prune_entries:
+                value.pop(name, None)  # an entry's table is the smallest there is: nothing kept
+        resource = value.get("resource")
         if isinstance(resource, dict) and not prune.isdisjoint(resource):
             # A new dict, not fields deleted in place: a dict keeps the table of its largest
             # size, and on a 6,000-result chart that was about 1 MB more at the worker's peak.

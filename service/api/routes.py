@@ -16,7 +16,7 @@ from service.api.contract import FEEDBACK_SCHEMA
 from service.api.errors import ApiError
 from service.api.hooks import run_hook
 from service.api.runtime import Runtime
-from service.clinical.fhir_values import UNREAD_FIELDS
+from service.clinical.fhir_values import UNREAD_ENTRY_FIELDS, UNREAD_FIELDS
 
 log = logging.getLogger("flare_cds.http")
 bp = Blueprint("cds", __name__)
@@ -27,7 +27,9 @@ def runtime() -> Runtime:
     return current_app.extensions["flare_cds"]
 
 
-def read_json_body(prune: frozenset[str] = frozenset()) -> Any:
+def read_json_body(
+    prune: frozenset[str] = frozenset(), prune_entries: frozenset[str] = frozenset()
+) -> Any:
     mimetype = (request.mimetype or "").lower()
     if mimetype not in JSON_TYPES:
         raise ApiError(
@@ -37,7 +39,7 @@ def read_json_body(prune: frozenset[str] = frozenset()) -> Any:
         )
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     try:
-        return json_codec.loads(raw, prune)
+        return json_codec.loads(raw, prune, prune_entries)
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "the body is not UTF-8 text") from None
     except json_codec.JSONDecodeError as exc:
@@ -69,7 +71,7 @@ def discovery() -> Response:
 def call_service(service_id: str) -> Response:
     rt = runtime()
     definition = definition_or_404(service_id)
-    body = read_json_body(prune=UNREAD_FIELDS)
+    body = read_json_body(prune=UNREAD_FIELDS, prune_entries=UNREAD_ENTRY_FIELDS)
     result = run_hook(rt, definition, body)
     g.log_fields = {"service": service_id, "cards": [c.finding for c in result.cards]}
     for c in result.cards:

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 # Resource fields that no rule, card or record reads. A large chart's prefetch resources are
-# kept without them (service.api.json_codec). tests/clinical/test_unread_fields.py fails when a
-# service module names one as a string literal, and checks that every shipped chart gets the
-# same cards read with and without them.
+# kept without them, and its entries without UNREAD_ENTRY_FIELDS (service.api.json_codec).
+# tests/clinical/test_unread_fields.py fails when a service module names one of either as a
+# string literal, and checks that every shipped chart gets the same cards read with and
+# without them.
 UNREAD_FIELDS = frozenset(
     {
         "basedOn",
@@ -32,6 +33,9 @@ UNREAD_FIELDS = frozenset(
         "specimen",
     }
 )
+
+# The same for a Bundle entry's own fields: `search` (its mode and score) is never read.
+UNREAD_ENTRY_FIELDS = frozenset({"search"})
 
 
 class UnreadableData(ValueError):

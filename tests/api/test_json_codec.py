@@ -158,6 +158,23 @@ def test_a_large_request_keeps_every_field_but_the_unread_ones_of_prefetch_bundl
     assert json_codec.loads(raw) == orjson.loads(raw)
 
 
+def test_a_large_request_keeps_prefetch_entries_without_their_unread_fields() -> None:
+    request = large_chart()
+    for entry in request["prefetch"]["igm"]["entry"]:
+        entry["search"] = {"mode": "match", "score": 1}
+    request["context"]["draftOrders"]["entry"][0]["search"] = {"mode": "match"}
+    raw = orjson.dumps(request)
+    value = json_codec.loads(raw, UNREAD, UNREAD_ENTRY)
+    assert value == _pruned_as_the_lean_reading_prunes(orjson.loads(raw), UNREAD, UNREAD_ENTRY)
+    entries = value["prefetch"]["igm"]["entry"]
+    assert len(entries) > 500 and not any("search" in entry for entry in entries)
+    assert all(entry["fullUrl"] and entry["resource"]["id"] for entry in entries)
+    # Outside prefetch (the draft orders), and below the size, an entry keeps every field.
+    assert value["context"] == request["context"]
+    small = load_fixture("order-select/wm-rituximab-selected")
+    assert json_codec.loads(orjson.dumps(small), UNREAD, UNREAD_ENTRY) == small
+
+
 @pytest.mark.parametrize(
     "odd",
     [
@@ -178,22 +195,31 @@ def test_a_large_request_of_any_shape_reads_as_orjson_reads_it(odd: dict[str, An
     assert json_codec.loads(orjson.dumps([1, 2]), UNREAD) == [1, 2]
 
 
-def _pruned_as_the_lean_reading_prunes(value: Any) -> Any:
-    """orjson's value less UNREAD in each resource of an entry of a prefetch value's `entry`
-    array, for a body of any shape."""
+UNREAD_ENTRY = frozenset({"search"})
+
+
+def _pruned_as_the_lean_reading_prunes(
+    value: Any, fields: frozenset[str], entry_fields: frozenset[str]
+) -> Any:
+    """orjson's value less `entry_fields` in each entry of a prefetch value's `entry` array, and
+    less `fields` in each such entry's resource, for a body of any shape."""
     prefetch = value.get("prefetch") if isinstance(value, dict) else None
     for bundle in prefetch.values() if isinstance(prefetch, dict) else ():
         entries = bundle.get("entry") if isinstance(bundle, dict) else None
         for entry in entries if isinstance(entries, list) else ():
-            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict):
+                continue
+            for name in entry_fields:
+                entry.pop(name, None)
+            resource = entry.get("resource")
             if isinstance(resource, dict):
-                entry["resource"] = {k: v for k, v in resource.items() if k not in UNREAD}
+                entry["resource"] = {k: v for k, v in resource.items() if k not in fields}
     return value
 
 
-_KEYS = st.sampled_from(["prefetch", "context", "entry", "resource", "category", "id"]) | st.text(
-    max_size=4
-)
+_KEYS = st.sampled_from(
+    ["prefetch", "context", "entry", "resource", "category", "search", "id"]
+) | st.text(max_size=4)
 _JSON = st.recursive(
     st.none()
     | st.booleans()
@@ -212,8 +238,13 @@ def test_a_large_body_of_any_shape_reads_as_orjson_reads_it_less_the_unread_fiel
 ) -> None:
     raw = orjson.dumps({**body, "padding": "x" * LARGE})
     assert len(raw) >= LARGE
-    expected = _pruned_as_the_lean_reading_prunes(orjson.loads(raw))
-    assert json_codec.loads(raw, UNREAD) == expected
+    for fields, entry_fields in (
+        (UNREAD, frozenset()),
+        (UNREAD, UNREAD_ENTRY),
+        (frozenset(), UNREAD_ENTRY),
+    ):
+        expected = _pruned_as_the_lean_reading_prunes(orjson.loads(raw), fields, entry_fields)
+        assert json_codec.loads(raw, fields, entry_fields) == expected
     assert json_codec.loads(raw) == orjson.loads(raw)
 
 

@@ -1,9 +1,9 @@
 """The fields a large chart is read without are fields the service never reads.
 
-service.api.json_codec leaves UNREAD_FIELDS out of a large chart's prefetch resources. If code
-started reading one of them, it would see it in small charts and miss it in large ones. Two
-guards: no service module names one as a string literal, and every shipped hook request gets
-the same answer with and without them.
+service.api.json_codec leaves UNREAD_FIELDS out of a large chart's prefetch resources, and
+UNREAD_ENTRY_FIELDS out of their entries. If code started reading one of them, it would see it
+in small charts and miss it in large ones. Two guards: no service module names one as a string
+literal, and every shipped hook request gets the same answer with and without them.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from service.clinical.fhir_values import UNREAD_FIELDS
+from service.clinical.fhir_values import UNREAD_ENTRY_FIELDS, UNREAD_FIELDS
 from tests.conftest import all_fixture_names, load_fixture, post_hook
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 DEFINED_IN = SERVICE / "clinical" / "fhir_values.py"
 # A field named as a string literal: resource.get("category"), field(r, 'note', ...).
 UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
-NAMED = re.compile("[\"']({})[\"']".format("|".join(sorted(UNREAD_FIELDS))))
+NAMED = re.compile("[\"']({})[\"']".format("|".join(sorted(UNREAD_FIELDS | UNREAD_ENTRY_FIELDS))))
 
 
 def test_no_module_names_a_field_that_large_charts_are_read_without() -> None:
@@ -38,17 +38,26 @@ def test_no_module_names_a_field_that_large_charts_are_read_without() -> None:
 
 
 def test_the_guard_sees_a_field_read_in_the_usual_ways() -> None:
-    for line in ('resource.get("category")', "field(resource, 'interpretation', 'text')"):
+    for line in (
+        'resource.get("category")',
+        "field(resource, 'interpretation', 'text')",
+        'entry.get("search")',
+    ):
         assert NAMED.search(line), line
 
 
 def _without_unread(body: dict[str, Any]) -> dict[str, Any]:
-    """The body as a large chart is read: prefetch entries' resources without UNREAD_FIELDS."""
+    """The body as a large chart is read: prefetch entries without UNREAD_ENTRY_FIELDS, their
+    resources without UNREAD_FIELDS."""
     lean = copy.deepcopy(body)
     for value in (lean.get("prefetch") or {}).values():
         entries = value.get("entry") if isinstance(value, dict) else None
         for entry in entries if isinstance(entries, list) else []:
-            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict):
+                continue
+            for name in UNREAD_ENTRY_FIELDS:
+                entry.pop(name, None)
+            resource = entry.get("resource")
             if isinstance(resource, dict):
                 entry["resource"] = {k: v for k, v in resource.items() if k not in UNREAD_FIELDS}
     return lean
