@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from service.api import json_codec
 from tests.conftest import load_fixture
+from tests.lean_reading import pruned_as_read_lean
 
 LARGE = json_codec.LARGE_BODY_BYTES
 
@@ -126,12 +127,7 @@ UNREAD = frozenset({"category", "interpretation", "identifier"})
 def _without_unread(request: dict[str, Any]) -> dict[str, Any]:
     """What a lean reading must give: orjson's value, less UNREAD in each prefetch Bundle entry's
     resource and nowhere else."""
-    expected = copy.deepcopy(request)
-    for value in expected["prefetch"].values():
-        for entry in value.get("entry", []) if isinstance(value, dict) else []:
-            resource = entry["resource"]
-            entry["resource"] = {k: v for k, v in resource.items() if k not in UNREAD}
-    return expected
+    return pruned_as_read_lean(copy.deepcopy(request), UNREAD, frozenset())
 
 
 def test_a_large_request_keeps_every_field_but_the_unread_ones_of_prefetch_bundle_resources() -> (
@@ -165,7 +161,7 @@ def test_a_large_request_keeps_prefetch_entries_without_their_unread_fields() ->
     request["context"]["draftOrders"]["entry"][0]["search"] = {"mode": "match"}
     raw = orjson.dumps(request)
     value = json_codec.loads(raw, UNREAD, UNREAD_ENTRY)
-    assert value == _pruned_as_the_lean_reading_prunes(orjson.loads(raw), UNREAD, UNREAD_ENTRY)
+    assert value == pruned_as_read_lean(orjson.loads(raw), UNREAD, UNREAD_ENTRY)
     entries = value["prefetch"]["igm"]["entry"]
     assert len(entries) > 500 and not any("search" in entry for entry in entries)
     assert all(entry["fullUrl"] and entry["resource"]["id"] for entry in entries)
@@ -198,25 +194,6 @@ def test_a_large_request_of_any_shape_reads_as_orjson_reads_it(odd: dict[str, An
 UNREAD_ENTRY = frozenset({"search"})
 
 
-def _pruned_as_the_lean_reading_prunes(
-    value: Any, fields: frozenset[str], entry_fields: frozenset[str]
-) -> Any:
-    """orjson's value less `entry_fields` in each entry of a prefetch value's `entry` array, and
-    less `fields` in each such entry's resource, for a body of any shape."""
-    prefetch = value.get("prefetch") if isinstance(value, dict) else None
-    for bundle in prefetch.values() if isinstance(prefetch, dict) else ():
-        entries = bundle.get("entry") if isinstance(bundle, dict) else None
-        for entry in entries if isinstance(entries, list) else ():
-            if not isinstance(entry, dict):
-                continue
-            for name in entry_fields:
-                entry.pop(name, None)
-            resource = entry.get("resource")
-            if isinstance(resource, dict):
-                entry["resource"] = {k: v for k, v in resource.items() if k not in fields}
-    return value
-
-
 _KEYS = st.sampled_from(
     ["prefetch", "context", "entry", "resource", "category", "search", "id"]
 ) | st.text(max_size=4)
@@ -243,7 +220,7 @@ def test_a_large_body_of_any_shape_reads_as_orjson_reads_it_less_the_unread_fiel
         (UNREAD, UNREAD_ENTRY),
         (frozenset(), UNREAD_ENTRY),
     ):
-        expected = _pruned_as_the_lean_reading_prunes(orjson.loads(raw), fields, entry_fields)
+        expected = pruned_as_read_lean(orjson.loads(raw), fields, entry_fields)
         assert json_codec.loads(raw, fields, entry_fields) == expected
     assert json_codec.loads(raw) == orjson.loads(raw)
 

@@ -18,6 +18,7 @@ import pytest
 
 from service.clinical.fhir_values import UNREAD_ENTRY_FIELDS, UNREAD_FIELDS
 from tests.conftest import all_fixture_names, load_fixture, post_hook
+from tests.lean_reading import pruned_as_read_lean
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 DEFINED_IN = SERVICE / "clinical" / "fhir_values.py"
@@ -49,18 +50,7 @@ def test_the_guard_sees_a_field_read_in_the_usual_ways() -> None:
 def _without_unread(body: dict[str, Any]) -> dict[str, Any]:
     """The body as a large chart is read: prefetch entries without UNREAD_ENTRY_FIELDS, their
     resources without UNREAD_FIELDS."""
-    lean = copy.deepcopy(body)
-    for value in (lean.get("prefetch") or {}).values():
-        entries = value.get("entry") if isinstance(value, dict) else None
-        for entry in entries if isinstance(entries, list) else []:
-            if not isinstance(entry, dict):
-                continue
-            for name in UNREAD_ENTRY_FIELDS:
-                entry.pop(name, None)
-            resource = entry.get("resource")
-            if isinstance(resource, dict):
-                entry["resource"] = {k: v for k, v in resource.items() if k not in UNREAD_FIELDS}
-    return lean
+    return pruned_as_read_lean(copy.deepcopy(body), UNREAD_FIELDS, UNREAD_ENTRY_FIELDS)
 
 
 @pytest.mark.parametrize("name", all_fixture_names())
