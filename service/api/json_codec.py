@@ -90,8 +90,9 @@ def loads(
     prune: frozenset[str] = frozenset(),
     prune_entries: frozenset[str] = frozenset(),
 ) -> Any:
-    """The JSON value of `data`; from LARGE_BODY_BYTES on, the fields in `prune` are left out of
-    every resource in the Bundles under the body's "prefetch" (see the module's docstring)."""
+    """The JSON value of `data`; from LARGE_BODY_BYTES on, the fields in `prune_entries` are left
+    out of every entry of the Bundles under the body's "prefetch", and those in `prune` out of
+    each entry's resource (see the module's docstring)."""
     if isinstance(data, str) or len(data) < LARGE_BODY_BYTES or _orjson_numbers(data):
         return orjson.loads(data)
     _release_freed_heap()
