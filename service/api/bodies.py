@@ -8,7 +8,7 @@ into one buffer of that length.
 from __future__ import annotations
 
 import io
-from typing import IO
+from typing import IO, Any
 
 from flask import Request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
@@ -98,9 +98,17 @@ class _LengthBody(LimitedStream):
         return data  # type: ignore[no-any-return]
 
 
+# BoundedRequest.checked_json until the body check has read the body.
+UNREAD = object()
+
+
 class BoundedRequest(Request):
     """Flask's request, with a chunked body over MAX_CONTENT_LENGTH a 413 and a body of known
     length read into one buffer."""
+
+    # The body's JSON value, when the body check (service.api.middleware) read it whole and found
+    # it within the limits: the route takes it instead of decoding the body a second time.
+    checked_json: Any = UNREAD
 
     @cached_property
     def stream(self) -> IO[bytes]:

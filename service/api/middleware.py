@@ -12,6 +12,7 @@ import time
 
 from flask import Flask, Response, g, request
 
+from service.api import json_codec
 from service.api.bodies import BoundedRequest
 from service.api.errors import ApiError
 from service.unique_ids import uuid4_hex
@@ -191,6 +192,7 @@ def install(app: Flask) -> None:
     origins = settings.http.cors_origins
     max_containers = max_json_containers(settings.http.max_body_bytes)
     app.request_class = BoundedRequest
+    json_codec.loads_within_depth(b"{}", MAX_JSON_DEPTH)  # its decoder built now, not on a call
 
     @app.before_request
     def _start() -> Response | None:
@@ -324,6 +326,14 @@ def _check_json_body(max_containers: int) -> None:
         )
     # Cached, so the route's own get_data() reads this copy; a body over the limit is a 413 here.
     raw = request.get_data(cache=True)
+    # A body of ordinary size is decoded with its depth checked as it is read, and the route
+    # takes the value. Each object or array is two bytes at least, so this one is under the cap.
+    if len(raw) < json_codec.LARGE_BODY_BYTES and len(raw) // 2 <= max_containers:
+        read, value = json_codec.loads_within_depth(raw, MAX_JSON_DEPTH)
+        if read:
+            request.checked_json = value
+            return
+    # Otherwise (a large body, too deep, not JSON at all) the bytes are measured as they are.
     shape = _bracket_shape(raw)
     if _shape_nests_deeper(shape, MAX_JSON_DEPTH):
         raise ApiError(

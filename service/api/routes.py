@@ -12,6 +12,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from service import metrics
 from service.api import json_codec
 from service.api.access import check_metrics_access
+from service.api.bodies import UNREAD
 from service.api.contract import FEEDBACK_SCHEMA
 from service.api.errors import ApiError
 from service.api.hooks import run_hook
@@ -37,6 +38,9 @@ def read_json_body(
             "unsupported_media_type",
             f"send the body as application/json, not {mimetype or 'no content type'}",
         )
+    checked = getattr(request, "checked_json", UNREAD)  # read and checked by the body check
+    if checked is not UNREAD:
+        return checked
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     try:
         return json_codec.loads(raw, prune, prune_entries)
