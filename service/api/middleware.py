@@ -327,8 +327,8 @@ def _check_json_body(max_containers: int) -> None:
     # Cached, so the route's own get_data() reads this copy; a body over the limit is a 413 here.
     raw = request.get_data(cache=True)
     # A body of ordinary size is decoded with its depth checked as it is read, and the route
-    # takes the value. Each object or array is two bytes at least, so this one is under the cap.
-    if len(raw) < json_codec.LARGE_BODY_BYTES and len(raw) // 2 <= max_containers:
+    # takes the value.
+    if len(raw) < json_codec.LARGE_BODY_BYTES and _within_container_cap(raw, max_containers):
         read, value = json_codec.loads_within_depth(raw, MAX_JSON_DEPTH)
         if read:
             request.checked_json = value
@@ -347,6 +347,13 @@ def _check_json_body(max_containers: int) -> None:
             f"the body holds {containers} objects and arrays; at most {max_containers} "
             "are accepted",
         )
+
+
+def _within_container_cap(raw: bytes, cap: int) -> bool:
+    """Whether `raw` surely holds at most `cap` objects and arrays, without finding its strings:
+    each takes two bytes at least, and each opens with a bracket (brackets in strings count too,
+    so the count is an upper bound)."""
+    return len(raw) // 2 <= cap or raw.count(b"[") + raw.count(b"{") <= cap
 
 
 def _authenticate(app: Flask) -> None:

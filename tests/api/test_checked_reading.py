@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from service.api import json_codec
 from service.api.json_codec import loads_within_depth
-from service.api.middleware import MAX_JSON_DEPTH
+from service.api.middleware import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH
 from tests.api.test_json_nesting import DUMPS_OPTIONS, FUZZ, FUZZ_DEEP, JSON_VALUES, TEXT, depth
 from tests.conftest import load_fixture
 
@@ -127,3 +127,29 @@ def test_an_integer_beyond_64_bits_in_a_call_reads_as_the_float_orjson_reads(cli
     ]
     assert answers[0] == answers[1]
     assert answers[0], "the implausible IgM is still named in a card"
+
+
+def test_a_body_past_twice_the_container_cap_is_still_decoded_once(
+    client: Any, monkeypatch: Any
+) -> None:
+    # 250 kB: a count of its brackets, not its length, tells it is under the cap.
+    body = load_fixture(SCENARIO)
+    body["extension"] = {"org.example": "a" * 250_000}
+    monkeypatch.setattr(json_codec, "loads", lambda *a, **k: pytest.fail("decoded twice"))
+    response = client.post(HOOK, json=body)
+    assert [indicator for indicator, _, _ in what_cards_say(response)] == ["warning"]
+
+
+def test_brackets_in_strings_do_not_count_toward_the_container_cap(client: Any) -> None:
+    body = load_fixture(SCENARIO)
+    body["extension"] = {"org.example": "[{" * (MAX_JSON_CONTAINERS + 1)}
+    response = client.post(HOOK, json=body)
+    assert [indicator for indicator, _, _ in what_cards_say(response)] == ["warning"]
+
+
+def test_more_objects_and_arrays_than_the_cap_below_the_large_size_is_413(client: Any) -> None:
+    raw = b'{"a": [' + b",".join([b"[]"] * (MAX_JSON_CONTAINERS + 1)) + b"]}"
+    assert len(raw) < json_codec.LARGE_BODY_BYTES
+    response = client.post(HOOK, data=raw, content_type="application/json")
+    assert response.status_code == 413, response.get_data(as_text=True)
+    assert response.get_json()["error"] == "payload_too_large"
