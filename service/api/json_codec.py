@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
+import threading
 from functools import cache
 from typing import Annotated, Any
 
@@ -132,14 +133,23 @@ class _Deeper(metaclass=_AnyValue):
     """The type of a value below _TYPED_LEVELS containers (_check_deeper reads it)."""
 
 
+# Values below the typed levels that one decoding looks at in Python, at most (each value
+# handed over, each item under it): a real request has a few dozen. Past it the body is left to
+# the caller's byte scan, so that a body made of such values costs no more than that scan.
+_DEEPER_VALUES = 5_000
+_deeper_seen = threading.local()  # per thread, or per greenlet under gevent
+
+
 def loads_within_depth(data: bytes, max_depth: int) -> tuple[bool, Any]:
     """(True, the JSON value of `data`, as loads() reads it) if `data` is a JSON document whose
     arrays and objects nest at most `max_depth` deep; (False, None) if it is not, or if it holds
-    an integer beyond 64 bits, for the caller to tell which with its own checks.
+    an integer beyond 64 bits or too many values below the typed levels, for the caller to tell
+    which with its own checks.
 
     The nesting is checked as the body is decoded, in C but for the rare values more than
     _TYPED_LEVELS deep: a separate pass over the bytes cost about half as much as the decoding.
     """
+    _deeper_seen.count = 0
     try:
         return True, _nesting_decoder(max_depth).decode(data)
     except (msgspec.MsgspecError, ValueError, RecursionError):
@@ -164,10 +174,14 @@ def _nesting_decoder(max_depth: int) -> msgspec.json.Decoder:
 
 def _check_deeper(value: Any, budget: int) -> None:
     """ValueError (msgspec's decoding error) if `value`'s arrays and objects nest more than
-    `budget` deep, or if it holds an integer beyond 64 bits; one level of it at a time."""
+    `budget` deep, if it holds an integer beyond 64 bits, or if the decoding has now looked at
+    more than _DEEPER_VALUES values this way; one level of it at a time."""
     level = [value]
     depth = 0
     while level:
+        _deeper_seen.count += len(level)
+        if _deeper_seen.count > _DEEPER_VALUES:
+            raise ValueError("too many values below the typed levels")
         below: list[Any] = []
         containers = False
         for item in level:

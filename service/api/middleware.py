@@ -308,9 +308,11 @@ def _cors(response: Response, origins: tuple[str, ...]) -> list[tuple[str, str]]
 def _check_json_body(max_containers: int) -> None:
     """Refuse JSON too deep or with too many parts before a route parses and walks it.
 
-    Both checks run on the bytes in time linear in their size, so an absurd body costs about as
-    much as reading it; the schema's maxItems caps are checked next, before the full validation
-    (service.api.contract).
+    A body under 1 MiB that surely has no more parts than the cap is decoded here with its depth
+    checked as it is read, and the route takes that value; any other, and one that decoding
+    refuses, is measured on its bytes. Both take time linear in the body's size, so an absurd
+    body costs about as much as reading it; the schema's maxItems caps are checked next, before
+    the full validation (service.api.contract).
     """
     if request.method != "POST" or request.url_rule is None:
         return

@@ -153,3 +153,21 @@ def test_more_objects_and_arrays_than_the_cap_below_the_large_size_is_413(client
     response = client.post(HOOK, data=raw, content_type="application/json")
     assert response.status_code == 413, response.get_data(as_text=True)
     assert response.get_json()["error"] == "payload_too_large"
+
+
+def test_a_body_made_of_values_below_the_typed_levels_is_left_to_the_byte_scan(
+    client: Any,
+) -> None:
+    # Each value below the typed levels costs a Python call: past a few thousand in one body the
+    # decoding gives up, and the body is checked and read as before, to the same answer.
+    many = "[" + ",".join(["1"] * 20_000) + "]"
+    for wrappers, read_here in ((10, True), (11, False), (12, False)):
+        raw = ("[" * wrappers + many + "]" * wrappers).encode()
+        read, value = loads_within_depth(raw, MAX_JSON_DEPTH)
+        assert read == read_here, wrappers
+        if read:
+            assert value == orjson.loads(raw)
+    body = load_fixture(SCENARIO)
+    body["extension"] = {"org.example": [[[[[[[[[[[[[1] * 20_000]]]]]]]]]]]]}
+    response = client.post(HOOK, json=body)
+    assert [indicator for indicator, _, _ in what_cards_say(response)] == ["warning"]
