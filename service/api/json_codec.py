@@ -137,7 +137,9 @@ class _Deeper(metaclass=_AnyValue):
 # handed over, each item under it): a real request has a few dozen. Past it the body is left to
 # the caller's byte scan, so that a body made of such values costs no more than that scan.
 _DEEPER_VALUES = 5_000
-_deeper_seen = threading.local()  # per thread, or per greenlet under gevent
+# Reset as each decoding starts; a decoding never yields to another greenlet, so it counts
+# only its own values whether or not gevent has made this local per greenlet.
+_deeper_seen = threading.local()
 
 
 def loads_within_depth(data: bytes, max_depth: int) -> tuple[bool, Any]:
