@@ -17,7 +17,8 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -290,66 +291,76 @@ class SqliteFeedbackStore(FeedbackStore):
     def _forget_connections(self) -> None:
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[_Held] = []
 
     def close(self) -> None:
+        """Closes every thread's connection, each once its thread is done with it: closing one
+        another thread is inside (without the GIL) frees memory SQLite is still using."""
         with self._lock:
             self._closed = True
-            connections, self._connections = self._connections, []
-        for connection in connections:
-            connection.close()
+            held, self._connections = self._connections, []
+        for entry in held:
+            with entry.lock:
+                entry.connection.close()
 
     def schema_version(self) -> int:
-        self._connection()
-        return self._schema_version or 0
+        with self._use():
+            return self._schema_version or 0
 
     def ping(self) -> None:
         """Raises unless the file can be read (readiness)."""
-        self._connection().execute("SELECT count(*) FROM sqlite_master").fetchone()
+        with self._use() as connection:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
 
     def record_issued(self, cards: Sequence[IssuedCard]) -> None:
         rows = issued_rows(cards)
-        if len(rows) == 1:
-            # One statement in autocommit mode: lock, insert, commit and unlock happen in one
-            # SQLite call made without the GIL, so the write lock is never held by a thread that
-            # waits for the GIL, which under load sent every other writer into SQLite's back-off.
-            self._writer().execute(_INSERT_ISSUED, rows[0])
-        elif rows:
-            with _transaction(self._writer(), write=True) as connection:
-                connection.executemany(_INSERT_ISSUED, rows)
+        if not rows:
+            return
+        with self._use(write=True) as connection:
+            if len(rows) == 1:
+                # One statement in autocommit mode: lock, insert, commit and unlock happen in one
+                # SQLite call made without the GIL, so the write lock is never held by a thread
+                # that waits for the GIL, which under load sent every other writer into SQLite's
+                # back-off.
+                connection.execute(_INSERT_ISSUED, rows[0])
+            else:
+                with _transaction(connection, write=True):
+                    connection.executemany(_INSERT_ISSUED, rows)
 
     def record_feedback(
         self, service_id: str, items: Sequence[Mapping[str, Any]], received_at: datetime
     ) -> FeedbackResult:
         rows = normalised_feedback(items)
-        with _transaction(self._writer(), write=True) as connection:
+        with self._use(write=True) as connection, _transaction(connection, write=True):
             return write_feedback(connection.execute, service_id, rows, received_at)
 
     def report(self, since: datetime | None = None) -> list[ReportRow]:
         lower = since_text(since)
-        connection = self._connection()
-        if not self._schema_version:
-            return []  # an empty file opened read-only: nothing was ever recorded
-        with _transaction(connection, write=False):  # one snapshot for all the report's queries
-            return read_report(
-                lambda sql, params: connection.execute(sql, params).fetchall(), lower
-            )
+        with self._use() as connection:
+            if not self._schema_version:
+                return []  # an empty file opened read-only: nothing was ever recorded
+            with _transaction(connection, write=False):  # one snapshot for all its queries
+                return read_report(
+                    lambda sql, params: connection.execute(sql, params).fetchall(), lower
+                )
 
-    def _writer(self) -> sqlite3.Connection:
-        if self.read_only:
+    @contextmanager
+    def _use(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, held so that close() waits until the caller is done."""
+        if write and self.read_only:
             raise FeedbackStoreError(f"{self.path} is open read-only")
-        return self._connection()
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._closed:
-            raise StoreClosed("the feedback store is closed")
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
+        entry: _Held | None = getattr(self._local, "held", None)
+        if entry is None:
             with self._lock:
-                connection = self._connect()
-                self._connections.append(connection)
-            self._local.connection = connection
-        return connection
+                if self._closed:
+                    raise StoreClosed("the feedback store is closed")
+                entry = _Held(threading.RLock(), self._connect())
+                self._connections.append(entry)
+            self._local.held = entry
+        with entry.lock:
+            if self._closed:
+                raise StoreClosed("the feedback store is closed")
+            yield entry.connection
 
     def _connect(self) -> sqlite3.Connection:
         connection = connect(self.path, read_only=self.read_only)
@@ -360,3 +371,11 @@ class SqliteFeedbackStore(FeedbackStore):
             connection.close()
             raise
         return connection
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A thread's connection and the lock it holds while using it."""
+
+    lock: threading.RLock
+    connection: sqlite3.Connection
