@@ -26,12 +26,8 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import orjson
-from urllib3.exceptions import (
-    HTTPError,
-    NewConnectionError,
-    ProtocolError,
-    SSLError,
-)
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, SSLError
 from urllib3.exceptions import TimeoutError as HTTPTimeoutError
 from urllib3.util import Timeout
 
@@ -47,7 +43,14 @@ from service.record.address_policy import (
 
 # Bound under this module's name on purpose: tests patch `fhir_client._resolves_to_forbidden`.
 from service.record.address_policy import resolves_to_forbidden as _resolves_to_forbidden
-from service.record.fhir_http import NO_RETRIES, ForbiddenPeerError, QueryScope, new_pool_manager
+from service.record.fhir_http import (
+    NO_RETRIES,
+    ForbiddenPeerError,
+    OriginPools,
+    QueryScope,
+    new_origin_pool,
+    request_target,
+)
 from service.settings import FhirSettings
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,16 @@ class FetchOutcome:
         return self.error is None
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """What every query of one fetch_all shares."""
+
+    connections: HTTPConnectionPool  # the origin's, which every URL of the call is on
+    base: str
+    token: str | None
+    deadline: float
+
+
 class _ResolveTimeout(Exception):
     """The fhirServer name did not resolve before the deadline."""
 
@@ -96,16 +109,15 @@ class _FetchError(Exception):
 class FhirFetcher:
     """Runs prefetch queries concurrently against a client's FHIR server.
 
-    One instance serves the whole process: its pool manager keeps connections and its thread
-    pool lives as long as it does. Call close() when done.
+    One instance serves the whole process: its pools keep connections and threads as long as
+    it lives. Call close() when done.
     """
 
     def __init__(self, settings: FhirSettings) -> None:
         self._settings = settings
         self._policy = FhirServerPolicy(settings.allowed_servers)
-        self._http = new_pool_manager(settings.pool_size)
         # One bounded pool per FHIR origin: a server that stalls fills only its own.
-        self._pools: OrderedDict[Origin, ThreadPoolExecutor] = OrderedDict()
+        self._pools: OrderedDict[Origin, OriginPools] = OrderedDict()
         self._pools_lock = threading.Lock()
         # getaddrinfo has no timeout of its own; a few threads bound both the wait and the
         # number of lookups a dead resolver can hold at once.
@@ -123,9 +135,8 @@ class FhirFetcher:
         with self._pools_lock:
             pools, self._pools = list(self._pools.values()), OrderedDict()
         for pool in pools:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.close()
         self._resolver.shutdown(wait=False, cancel_futures=True)
-        self._http.clear()
 
     def check_server(self, fhir_server: str) -> None:
         """Raise FhirServerRefused unless this service may call `fhir_server`."""
@@ -152,10 +163,11 @@ class FhirFetcher:
         if access_token and not _BEARER_TOKEN.fullmatch(access_token):
             reason = "access token cannot be sent as a bearer token"
             return _counted({key: FetchOutcome(key, q, error=reason) for key, q in queries.items()})
-        pool = self._pool_for(origin_of(base))
+        pools = self._pool_for(origin_of(base))
+        call = _Call(pools.connections, base, access_token, deadline)
         scopes = {key: QueryScope() for key in queries}
         futures = {
-            key: pool.submit(self._fetch_one, base, access_token, key, query, deadline, scopes[key])
+            key: pools.fetchers.submit(self._fetch_one, call, key, query, scopes[key])
             for key, query in queries.items()
         }
         wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
@@ -172,19 +184,20 @@ class FhirFetcher:
             log.warning("FHIR fetch from %s incomplete: %s", urlsplit(base).netloc, failures)
         return _counted(outcomes)
 
-    def _pool_for(self, origin: Origin) -> ThreadPoolExecutor:
+    def _pool_for(self, origin: Origin) -> OriginPools:
         with self._pools_lock:
-            pool = self._pools.get(origin)
-            if pool is None:
-                pool = ThreadPoolExecutor(
-                    max_workers=self._settings.pool_size, thread_name_prefix="fhir-fetch"
+            pools = self._pools.get(origin)
+            if pools is None:
+                size = self._settings.pool_size
+                pools = OriginPools(
+                    ThreadPoolExecutor(max_workers=size, thread_name_prefix="fhir-fetch"),
+                    new_origin_pool(origin, size),
                 )
-                self._pools[origin] = pool
+                self._pools[origin] = pools
                 if len(self._pools) > MAX_ORIGIN_POOLS:
-                    # Its running queries still end at their deadlines.
-                    self._pools.popitem(last=False)[1].shutdown(wait=False)
+                    self._pools.popitem(last=False)[1].let_go()
             self._pools.move_to_end(origin)
-            return pool
+            return pools
 
     def _deadline_reason(self) -> str:
         return f"timed out after {self._settings.deadline_seconds:g} s"
@@ -203,20 +216,12 @@ class FhirFetcher:
             lookup.cancel()
             raise _ResolveTimeout from None
 
-    def _fetch_one(
-        self,
-        base: str,
-        token: str | None,
-        key: str,
-        query: str,
-        deadline: float,
-        scope: QueryScope,
-    ) -> FetchOutcome:
+    def _fetch_one(self, call: _Call, key: str, query: str, scope: QueryScope) -> FetchOutcome:
         try:
-            if scope.cancelled or time.monotonic() >= deadline:
+            if scope.cancelled or time.monotonic() >= call.deadline:
                 raise _FetchError(self._deadline_reason())  # queued until its call was over
             with scope:
-                resource, status = self._run_query(base, token, query, deadline)
+                resource, status = self._run_query(call, query)
         except Exception as exc:
             if scope.cancelled:  # whatever the cut-off socket raised, the reason is the deadline
                 return FetchOutcome(key, query, error=self._deadline_reason())
@@ -227,13 +232,11 @@ class FhirFetcher:
             return FetchOutcome(key, query, error="internal error while fetching")
         return FetchOutcome(key, query, resource=resource, status=status)
 
-    def _run_query(
-        self, base: str, token: str | None, query: str, deadline: float
-    ) -> tuple[dict[str, Any], int]:
+    def _run_query(self, call: _Call, query: str) -> tuple[dict[str, Any], int]:
         is_read, resource_type, relative = _classify(query)
-        url = f"{base}/{relative}"
+        url = f"{call.base}/{relative}"
         if is_read:
-            status, resource = self._get_json(url, base, token, deadline, is_read=True)
+            status, resource = self._get_json(call, url, is_read=True)
             if resource.get("resourceType") != resource_type:
                 raise _FetchError(f"response is not a {resource_type} resource", status)
             return resource, status
@@ -241,7 +244,7 @@ class FhirFetcher:
         entries: list[Any] = []
         pages = 0
         while True:
-            status, bundle = self._get_json(url, base, token, deadline, is_read=False)
+            status, bundle = self._get_json(call, url, is_read=False)
             page_entries = bundle.get("entry", [])
             if bundle.get("resourceType") != "Bundle" or not isinstance(page_entries, list):
                 raise _FetchError(_not_a_bundle(bundle), status)
@@ -256,20 +259,18 @@ class FhirFetcher:
                 # Credentials in a link are not this service's to send anywhere.
                 raise _FetchError("next link with user credentials not followed", status)
             # The token must never travel to, nor data be taken from, another origin.
-            if origin_of(next_url) != origin_of(base):
+            if origin_of(next_url) != origin_of(call.base):
                 raise _FetchError("next link to another origin not followed", status)
             if pages >= self._settings.max_pages:
                 raise _FetchError(f"more than {self._settings.max_pages} pages", status)
             url = next_url
 
-    def _get_json(
-        self, url: str, base: str, token: str | None, deadline: float, *, is_read: bool
-    ) -> tuple[int, dict[str, Any]]:
-        status, body = self._get(url, base, token, deadline)
+    def _get_json(self, call: _Call, url: str, *, is_read: bool) -> tuple[int, dict[str, Any]]:
+        status, body = self._get(call, url)
         if status in (404, 410) and is_read:
             raise _FetchError("not found", status)
         if status in (401, 403):
-            what = "refused the access token" if token else "requires an access token"
+            what = "refused the access token" if call.token else "requires an access token"
             raise _FetchError(f"FHIR server {what} ({status})", status)
         if 300 <= status < 400:
             raise _FetchError(f"FHIR server answered {status}; redirects are not followed", status)
@@ -284,12 +285,14 @@ class FhirFetcher:
             raise _FetchError("response is not a FHIR resource", status)
         return status, resource
 
-    def _get(self, url: str, base: str, token: str | None, deadline: float) -> tuple[int, bytes]:
+    def _get(self, call: _Call, url: str) -> tuple[int, bytes]:
+        """GET `url`, an address on the call's origin (next links are checked)."""
+        token, deadline = call.token, call.deadline
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _FetchError(self._deadline_reason())
         headers = {"Accept": FHIR_JSON, "Accept-Encoding": "gzip, deflate"}
-        if token and origin_of(url) == origin_of(base):
+        if token and origin_of(url) == origin_of(call.base):
             headers["Authorization"] = f"Bearer {token}"
         settings = self._settings
         # Capped by what is left of the deadline so no worker outlives the call by much.
@@ -299,9 +302,9 @@ class FhirFetcher:
         )
         response, complete = None, False
         try:
-            response = self._http.urlopen(
+            response = call.connections.urlopen(
                 "GET",
-                url,
+                request_target(url),
                 headers=headers,
                 timeout=timeout,
                 retries=NO_RETRIES,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from service.record import fhir_http
-from service.record.address_policy import forbidden_ip
+from service.record.address_policy import forbidden_ip, origin_of
 from service.record.fhir_client import FetchOutcome, FhirFetcher, FhirServerRefused
 from service.settings import FhirSettings
 from tests.fhir_test_server import FhirTestServer, hook_request_resources
@@ -329,11 +329,13 @@ def test_cutting_off_a_query_spares_the_query_that_reused_its_connection() -> No
     with FhirTestServer(keep_alive=True) as server:
         server.add_resources(RESOURCES)
         server.delay_seconds = {"Observation": 0.4}
-        manager = fhir_http.new_pool_manager(1)  # one connection: B must reuse A's
+        origin = origin_of(server.base_url)
+        pool = fhir_http.new_origin_pool(origin, 1)  # one connection: B must reuse A's
         url = server.base_url
 
         def get(path: str) -> Any:
-            response = manager.urlopen("GET", url + path, retries=fhir_http.NO_RETRIES)
+            target = fhir_http.request_target(url + path)
+            response = pool.urlopen("GET", target, retries=fhir_http.NO_RETRIES)
             return response.status, json.loads(response.data)
 
         a = fhir_http.QueryScope()
