@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,10 +29,16 @@ from bench.growth import (
     growth_targets,
     plot_growth,
 )
+from bench.latency_split import measure_split, split_targets
 from bench.loadgen import WrkFailed, WrkMissing, find_wrk, wrk_version
 from bench.report import evaluate_targets, machine_info, render_markdown, write_json
 from bench.runner import LoadSettings, WorkloadBroken, run_workload
-from bench.servers import ServerError, service_config, service_server
+from bench.servers import (
+    ServerError,
+    no_clinical_path_server,
+    service_config,
+    service_server,
+)
 from bench.stages import format_rows, run_stages
 from bench.workloads import build_workloads, fhir_server_resources
 from service.serving.server import DEFAULT_THREADS, DEFAULT_WORKERS
@@ -135,6 +142,11 @@ def _parser() -> argparse.ArgumentParser:
         help="in-process calls per workload for the CPU-by-stage table (0: skip it)",
     )
     parser.add_argument(
+        "--no-split",
+        action="store_true",
+        help="skip the 1-connection table of the service with and without its clinical path",
+    )
+    parser.add_argument(
         "--no-growth",
         action="store_true",
         help="skip the growth series (60, 600 and 6,000 IgM results at 1 connection)",
@@ -151,6 +163,7 @@ def _fresh_workdir(workdir: Path) -> None:
         (workdir / name).unlink(missing_ok=True)
     for log in workdir.glob("baseline*.log"):
         log.unlink()
+    shutil.rmtree(workdir / "no-clinical-path", ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,6 +200,10 @@ def run(args: argparse.Namespace) -> int:
         fhir.cache_answers = True  # its own CPU must not be what limits the no-prefetch workload
         workloads = build_workloads(fhir.base_url, names)
         config = service_config(workdir, fhir.base_url, args.fhir_deadline, MAX_BODY_BYTES)
+        # Its own store and spool, so that it never shares either with the service.
+        bare_dir = workdir / "no-clinical-path"
+        bare_dir.mkdir(exist_ok=True)
+        bare_config = service_config(bare_dir, fhir.base_url, args.fhir_deadline, MAX_BODY_BYTES)
         print(
             f"bench: {len(workloads)} workloads x {len(args.connections)} concurrency levels, "
             f"{args.warmup}+{args.duration} s per point, service and baseline",
@@ -213,6 +230,19 @@ def run(args: argparse.Namespace) -> int:
                         own_baseline=same,
                     )
                 )
+            split: list[dict[str, Any]] = []
+            if not args.no_split:
+                split = measure_split(
+                    settings,
+                    workloads,
+                    lambda: service_server(workdir, config, args.workers, args.threads),
+                    lambda: no_clinical_path_server(
+                        bare_dir, bare_config, args.workers, args.threads
+                    ),
+                    baseline,
+                    workdir,
+                    progress=lambda line: print(line, flush=True),
+                )
             growth: list[dict[str, Any]] = []
             if not args.no_growth:
                 one = dataclasses.replace(settings, connections=(1,))
@@ -235,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
     document["baseline"]["own_settings"] = own.label
     document["baseline"]["search"] = searched
     document["stages"] = stages
+    document["latency_split"] = split
+    document["targets"] += split_targets(split)
     if stages:
         print(format_rows(stages))
     rows = growth_rows(growth)

@@ -19,6 +19,7 @@ from typing import Any
 
 from bench import ROOT
 from bench.growth import growth_markdown
+from bench.latency_split import split_markdown
 from bench.stages import stages_markdown
 
 Result = dict[str, Any]
@@ -289,6 +290,11 @@ def render_markdown(document: dict[str, Any]) -> str:
         f"Baseline app peak RSS per worker: {_fmt(baseline_rss)} MB.",
         *_search_markdown(document.get("baseline", {}).get("search") or []),
         *(stages_markdown(document["stages"]) if document.get("stages") else []),
+        *(
+            ["", *split_markdown(document["latency_split"], settings.get("rounds", 1))]
+            if document.get("latency_split")
+            else []
+        ),
         "",
         "## Targets",
         "",

@@ -85,7 +85,7 @@ def check_baseline(url: str, workload: Workload, body: bytes) -> str:
     return '"cards":[]' if '"cards":[]' in response.text else '"cards": []'
 
 
-def _load(
+def load_point(
     settings: LoadSettings,
     server: ServerProcess,
     workload: Workload,
@@ -94,6 +94,8 @@ def _load(
     connections: int,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
+    """One point on `server`: a warm-up, then a measured run, redone (up to `retries` times) if
+    other processes took more than `max_other_cores`; the least disturbed run is kept."""
     url = f"{server.url}{workload.path}"
 
     def wrk(seconds: int) -> Point:
@@ -181,7 +183,7 @@ def run_workload(
                     ("baseline_own", own_baseline, baseline_expect),
                 ):
                     if server is not None:
-                        measured[side] = _load(
+                        measured[side] = load_point(
                             settings, server, workload, body_file, expect, connections, progress
                         )
                         after_point()

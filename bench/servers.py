@@ -178,8 +178,12 @@ def service_command(port: int, workers: int, threads: int, config: Path) -> list
     """`flare-cds serve`: the installed console script when there is one, as production runs."""
     script = Path(sys.executable).with_name("flare-cds")
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "service.serving.cli"]
+    return [*launcher, *serve_arguments(port, workers, threads, config)]
+
+
+def serve_arguments(port: int, workers: int, threads: int, config: Path) -> list[str]:
+    """The `serve` subcommand and its options, as the bench starts the service."""
     return [
-        *launcher,
         "serve",
         "--host",
         "127.0.0.1",
@@ -199,6 +203,21 @@ def service_server(workdir: Path, config: Path, workers: int, threads: int) -> S
     return ServerProcess(
         "flare-cds",
         service_command(port, workers, threads, config),
+        port,
+        workdir,
+        workers,
+        _clean_env(),
+    )
+
+
+def no_clinical_path_server(
+    workdir: Path, config: Path, workers: int, threads: int
+) -> ServerProcess:
+    """The service as `service_server` starts it, but for its clinical path (bench.no_rules)."""
+    port = free_port()
+    return ServerProcess(
+        "flare-cds-no-clinical-path",
+        [sys.executable, "-m", "bench.no_rules", *serve_arguments(port, workers, threads, config)],
         port,
         workdir,
         workers,

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from bench.loadgen import WrkMissing, find_wrk, parse_result
+from bench.servers import no_clinical_path_server, service_config
 from bench.workloads import build_workloads, record_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_WORKLOADS = ["order-sign-high", "order-sign-no-prefetch"]
+JSON = {"Content-Type": "application/json"}
 
 
 def test_workloads_are_a_long_record_dated_today() -> None:
@@ -116,8 +119,18 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     targets = document["targets"]
     assert {t["workload"] for t in targets} == set(QUICK_WORKLOADS)
     assert all(t["passed"] in (True, False, None) for t in targets)
+    # The 1-connection split: the full-prefetch workload on all three servers, without error.
+    (split,) = document["latency_split"]
+    assert split["name"] == "order-sign-high"
+    for side in ("service", "no_clinical_path", "baseline"):
+        assert split[side]["p50_ms"] > 0 and split[side]["cpu_ms"] > 0
+        assert split[side]["errors"] == 0
+    assert split["clinical_path_p50_ms"] == pytest.approx(
+        split["service"]["p50_ms"] - split["no_clinical_path"]["p50_ms"], abs=0.01
+    )
     markdown = (out / "results.md").read_text("utf-8")
     assert "## Targets" in markdown and "## CPU per call by stage" in markdown
+    assert "## Latency at 1 connection: the clinical path and the rest" in markdown
     assert "## Baseline server settings" in markdown
 
 
@@ -188,3 +201,22 @@ def test_growth_compares_the_median_cpu_of_each_sizes_rounds() -> None:
     once = result(60, 100, [4.0], 0)
     once["points"][0].pop("rounds")
     assert growth_rows([once])[0]["cpu_ms"] == pytest.approx(4.0)
+
+
+@pytest.mark.server
+def test_service_without_clinical_path_still_checks_the_contract(tmp_path: Path) -> None:
+    """The bench's instrument answers a valid call with no cards, but is otherwise the service:
+    a request that breaks the contract is still refused, so its time includes that check."""
+    workload = next(
+        w for w in build_workloads("http://127.0.0.1:9/fhir") if w.name == QUICK_WORKLOADS[0]
+    )
+    config = service_config(tmp_path, "http://127.0.0.1:9/fhir", 1.0)
+    with no_clinical_path_server(tmp_path, config, 1, 1) as server:
+        url = f"{server.url}{workload.path}"
+        answer = requests.post(url, data=workload.body_bytes(), headers=JSON, timeout=30)
+        assert answer.status_code == 200 and answer.json() == {"cards": []}
+        broken = {k: v for k, v in workload.body.items() if k != "context"}
+        refused = requests.post(url, json=broken, timeout=30)
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "invalid_request"
+        assert "context" in refused.text
