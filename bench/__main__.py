@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import shutil
 import sys
@@ -27,6 +26,7 @@ from bench.growth import (
     build_growth_workloads,
     growth_rows,
     growth_targets,
+    measure_growth,
     plot_growth,
 )
 from bench.latency_split import measure_split, split_targets
@@ -245,18 +245,13 @@ def run(args: argparse.Namespace) -> int:
                 )
             growth: list[dict[str, Any]] = []
             if not args.no_growth:
-                one = dataclasses.replace(settings, connections=(1,))
-                for workload in build_growth_workloads():
-                    growth.append(
-                        run_workload(
-                            one,
-                            workload,
-                            lambda: service_server(workdir, config, args.workers, args.threads),
-                            baseline,
-                            workdir,
-                            progress=lambda line: print(line, flush=True),
-                        )
-                    )
+                growth = measure_growth(
+                    settings,
+                    build_growth_workloads(),
+                    lambda: service_server(workdir, config, args.workers, args.threads),
+                    workdir,
+                    progress=lambda line: print(line, flush=True),
+                )
             baseline_memory = baseline.worker_memory()
     staged = workloads + ([] if args.no_growth else build_growth_workloads())
     stages = run_stages(staged, args.stage_calls) if args.stage_calls > 0 else []

@@ -189,18 +189,33 @@ def test_growth_compares_the_median_cpu_of_each_sizes_rounds() -> None:
             ],
         }
 
-    # The round shown at 6,000 results is the slowest; the median of the three is compared.
+    # Each size's figure is the median of its rounds, whichever round is shown.
     rows = growth_rows(
         [result(60, 100, [4.0, 3.8, 3.6], 1), result(6000, 6000, [210, 235, 212], 1)]
     )
     assert [row["cpu_ms"] for row in rows] == pytest.approx([3.8, 212])
+    # The sizes are measured in turn in each round, so the growth is the median of the rounds'
+    # ratios (52.5, 61.8, 58.9): the host's speed in one round moves both sides of its ratio.
     linear, memory = growth_targets(rows)
-    assert linear["value"] == pytest.approx(212 / 3.8, abs=1e-3) and linear["passed"]
+    assert linear["value"] == pytest.approx(212 / 3.6, abs=1e-3) and linear["passed"]
+    assert "median of the rounds' ratios" in linear["where"]
     assert memory["target"].startswith("peak RSS") and memory["passed"]
+    # A host that slowed in the first round and sped up in the second: the ratio of the
+    # medians (230 / 4.0 = 57.5x) would fail what no round's own ratio exceeds (at most 55x).
+    drifted = growth_rows(
+        [result(60, 100, [4.4, 3.6, 4.0], 0), result(6000, 6000, [230, 190, 210], 0)]
+    )
+    linear, _ = growth_targets(drifted)
+    assert linear["value"] == pytest.approx(210 / 4.0, abs=1e-3) and linear["passed"]
     # A point measured once has no rounds: its own figure.
     once = result(60, 100, [4.0], 0)
     once["points"][0].pop("rounds")
     assert growth_rows([once])[0]["cpu_ms"] == pytest.approx(4.0)
+    # Without rounds on both sides, the sizes' own figures are compared.
+    big = result(6000, 6000, [200.0], 0)
+    big["points"][0].pop("rounds")
+    linear, _ = growth_targets(growth_rows([once, big]))
+    assert linear["value"] == pytest.approx(50.0) and linear["where"] == "vs growth-igm-60"
 
 
 @pytest.mark.server
