@@ -17,9 +17,16 @@ import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from bench.runner import LoadSettings, check_service, load_point
+from bench.runner import (
+    LoadSettings,
+    answer_checked,
+    check_service,
+    load_point,
+    memory_and_restarts,
+    write_body,
+)
 from bench.servers import ServerProcess
 from bench.workloads import ORDER_SIGN, Workload, enlarge, load_fixture, record_sizes
 from tests.fixture_dates import as_of_today
@@ -52,6 +59,17 @@ def build_growth_workloads() -> list[Workload]:
     return workloads
 
 
+class _Size(NamedTuple):
+    """One size's service, started and its answer checked, ready to be loaded."""
+
+    workload: Workload
+    body_bytes: int
+    body_file: Path
+    service: ServerProcess
+    check: dict[str, Any]
+    workers: list[int]  # as started: a worker not among them is a restart
+
+
 def measure_growth(
     settings: LoadSettings,
     workloads: Sequence[Workload],
@@ -63,52 +81,48 @@ def measure_growth(
     result per size, shaped as bench.runner.run_workload's (its rounds under the one point)."""
     one = dataclasses.replace(settings, connections=(1,))
     with contextlib.ExitStack() as stack:
-        started = []
+        sizes = []
         for workload in workloads:
-            body = workload.body_bytes()
-            body_file = workdir / f"{workload.name}.json"
-            body_file.write_bytes(body)
+            body, body_file = write_body(workdir, workload)
             service = stack.enter_context(new_service())
             check = check_service(service.url, workload, body)
-            progress(
-                f"{workload.name}: answer checked ({workload.indicator} {workload.finding}), "
-                f"first request {check['first_request_ms']} ms"
-            )
-            started.append((workload, service, body_file, check, list(service.worker_pids)))
+            progress(answer_checked(workload, check))
+            sizes.append(_Size(workload, len(body), body_file, service, check, service.worker_pids))
         points: dict[str, list[dict[str, Any]]] = {w.name: [] for w in workloads}
         for number in range(1, max(1, settings.rounds) + 1):
-            for workload, service, body_file, check, _ in started:
-                point = load_point(one, service, workload, body_file, check["expect"], 1, progress)
-                points[workload.name].append(point)
+            for size in sizes:
+                name = size.workload.name
+                point = load_point(
+                    one,
+                    size.service,
+                    size.workload,
+                    size.body_file,
+                    size.check["expect"],
+                    1,
+                    progress,
+                )
+                points[name].append(point)
                 progress(
-                    f"  round {number}: {workload.name} p50 {point['latency_ms']['p50']:.2f} ms, "
+                    f"  round {number}: {name} p50 {point['latency_ms']['p50']:.2f} ms, "
                     f"CPU {point['cpu']['ms_per_request']} ms/call, "
                     f"errors {point['errors']['total']}"
                 )
-        return [
-            _growth_result(workload, service, check, workers, points[workload.name])
-            for workload, service, _, check, workers in started
-        ]
+        return [_growth_result(size, points[size.workload.name]) for size in sizes]
 
 
-def _growth_result(
-    workload: Workload,
-    service: ServerProcess,
-    check: dict[str, Any],
-    workers: list[int],
-    points: list[dict[str, Any]],
-) -> dict[str, Any]:
-    memory = service.worker_memory()
+def _growth_result(size: _Size, points: list[dict[str, Any]]) -> dict[str, Any]:
+    memory, restarts = memory_and_restarts(size.service, size.workers)
     # The round shown (its p50) is the one with the median CPU per call.
     shown = sorted(points, key=lambda p: p["cpu"]["ms_per_request"])[(len(points) - 1) // 2]
+    workload = size.workload
     return {
         "name": workload.name,
         "title": workload.title,
         "service_id": workload.service_id,
-        "body_bytes": len(workload.body_bytes()),
+        "body_bytes": size.body_bytes,
         "record": record_sizes(workload.body),
         "uses_fhir_server": workload.uses_fhir_server,
-        "check": check,
+        "check": size.check,
         "points": [
             {
                 "connections": 1,
@@ -122,12 +136,8 @@ def _growth_result(
                 ],
             }
         ],
-        "memory": {
-            "workers": memory,
-            "peak_rss_mb": round(max((m["peak_kb"] for m in memory), default=0) / 1024, 1),
-        },
-        # A changed worker set means gunicorn restarted a worker (timeout or crash) mid-load.
-        "worker_restarts": len(set(service.current_workers()) - set(workers)),
+        "memory": memory,
+        "worker_restarts": restarts,
     }
 
 

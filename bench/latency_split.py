@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.runner import LoadSettings, check_baseline, check_service, load_point
+from bench.runner import LoadSettings, check_baseline, check_service, load_point, write_body
 from bench.servers import ServerProcess
 from bench.workloads import Workload
 
@@ -44,9 +44,7 @@ def measure_split(
     for workload in workloads:
         if workload.uses_fhir_server:
             continue  # its time is the FHIR server's delay, not the service's CPU
-        body = workload.body_bytes()
-        body_file = workdir / f"{workload.name}.json"
-        body_file.write_bytes(body)
+        body, body_file = write_body(workdir, workload)
         baseline_expect = check_baseline(baseline.url, workload, body)
         with new_service() as service, new_no_clinical_path() as bare:
             sides = (

@@ -137,6 +137,35 @@ def load_point(
     return best
 
 
+def write_body(workdir: Path, workload: Workload) -> tuple[bytes, Path]:
+    """The workload's request body, and the file in `workdir` that wrk sends it from."""
+    body = workload.body_bytes()
+    body_file = workdir / f"{workload.name}.json"
+    body_file.write_bytes(body)
+    return body, body_file
+
+
+def answer_checked(workload: Workload, check: dict[str, Any]) -> str:
+    """The progress line for a service's answer checked by check_service."""
+    return (
+        f"{workload.name}: answer checked ({workload.indicator} {workload.finding}), "
+        f"first request {check['first_request_ms']} ms"
+    )
+
+
+def memory_and_restarts(
+    server: ServerProcess, started_workers: list[int]
+) -> tuple[dict[str, Any], int]:
+    """Each live worker's memory with the peak over them, and how many workers gunicorn started
+    since `started_workers` (a restart after a timeout or crash mid-load)."""
+    memory = server.worker_memory()
+    summary = {
+        "workers": memory,
+        "peak_rss_mb": round(max((m["peak_kb"] for m in memory), default=0) / 1024, 1),
+    }
+    return summary, len(set(server.current_workers()) - set(started_workers))
+
+
 def run_workload(
     settings: LoadSettings,
     workload: Workload,
@@ -151,9 +180,7 @@ def run_workload(
     the first request are this workload's own). `baseline` is the bare app under the fastest
     settings found; `own_baseline`, if given, the same app under the service's own settings,
     measured too so both ratios are reported."""
-    body = workload.body_bytes()
-    body_file = workdir / f"{workload.name}.json"
-    body_file.write_bytes(body)
+    body, body_file = write_body(workdir, workload)
     result: dict[str, Any] = {
         "name": workload.name,
         "title": workload.title,
@@ -168,10 +195,7 @@ def run_workload(
     with new_service() as service:  # starts it
         started_workers = service.worker_pids
         result["check"] = check_service(service.url, workload, body)
-        progress(
-            f"{workload.name}: answer checked ({workload.indicator} {workload.finding}), "
-            f"first request {result['check']['first_request_ms']} ms"
-        )
+        progress(answer_checked(workload, result["check"]))
         points = []
         for connections in settings.connections:
             rounds = []
@@ -223,15 +247,8 @@ def run_workload(
                 f"(baseline {base['cpu']['ms_per_request']})  "
                 f"errors {own['errors']['total']}"
             )
-        memory = service.worker_memory()
-        # A changed worker set means gunicorn restarted a worker (timeout or crash) mid-load.
-        restarts = len(set(service.current_workers()) - set(started_workers))
+        result["memory"], result["worker_restarts"] = memory_and_restarts(service, started_workers)
     result["points"] = points
-    result["memory"] = {
-        "workers": memory,
-        "peak_rss_mb": round(max((m["peak_kb"] for m in memory), default=0) / 1024, 1),
-    }
-    result["worker_restarts"] = restarts
     return result
 
 
